@@ -114,3 +114,21 @@ def load_profiles(path: Path) -> dict[str, Profile]:
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
     return parse_profiles(document)
+
+
+_cache: dict[Path, tuple[float, dict[str, Profile]]] = {}
+
+
+def get_profiles(path: Path | None = None) -> dict[str, Profile]:
+    """The profiles file, parsed once per process and again when it changes on disk."""
+    from app.settings import get_settings
+
+    path = (path or get_settings().profiles_file).resolve()
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        raise ProfileError(f"profiles file not found: {path}") from None
+    cached = _cache.get(path)
+    if cached is None or cached[0] != mtime:
+        _cache[path] = (mtime, load_profiles(path))
+    return _cache[path][1]

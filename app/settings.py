@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     home: Path = Path("./.leasehold")  # embedded defaults live here
     database_url: str | None = None
     broker_url: str | None = None
+    broker_key_prefix: str = ""  # isolates several installations on one Redis
     profiles_file: Path = Path("./profiles.toml")
     policy_file: Path = Path("./policies.cedar")
     vault_addr: str | None = None

@@ -51,3 +51,6 @@ def close_all() -> None:
         for issuer in _cache.values():
             issuer.close()
         _cache.clear()
+    from app.vault import close_gateways
+
+    close_gateways()

@@ -72,4 +72,10 @@ class Issuer(Protocol):
 
     def list_marked(self) -> list[MarkedObject]: ...
 
+    def extend(self, ref: str, expires_at: datetime) -> None:
+        """Move the backend expiry forward (a heartbeat moved the deadline)."""
+
+    def check(self) -> list[str]:
+        """Start-up warnings about the backend's configuration (safe to print)."""
+
     def close(self) -> None: ...

@@ -1,0 +1,52 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from app import __version__, notify, startup
+from app.api import credentials, errors, events, tasks
+from app.api.schemas import ApiJSON
+from app.db import session_scope
+from app.logs import configure_logging
+from app.settings import get_settings
+
+
+def _startup_checks() -> None:
+    with session_scope() as session:
+        startup.check(session)
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    configure_logging(get_settings())
+    await run_in_threadpool(_startup_checks)
+    await notify.waiters.start()
+    try:
+        yield
+    finally:
+        await notify.waiters.stop()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Leasehold",
+        version=__version__,
+        summary="Just-in-time, task-scoped, short-lived credentials",
+        lifespan=lifespan,
+        default_response_class=ApiJSON,
+    )
+    errors.install(app)
+    app.include_router(events.router)
+    app.include_router(credentials.router)
+    app.include_router(tasks.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

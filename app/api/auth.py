@@ -1,0 +1,95 @@
+"""API keys: bearer tokens looked up by SHA-256, with a role and a tenant."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlmodel import Session, select
+
+from app.db import SessionDep
+from app.models import ApiKey, Role, utcnow
+from app.sealing import hash_api_key
+
+_CACHE_SECONDS = 5.0  # a retired key stops working within this
+_cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+
+def new_key_secret() -> str:
+    return "lhk_" + secrets.token_urlsafe(32)
+
+
+def create_key(
+    session: Session, *, name: str, role: Role, tenant: str | None, now: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """A new key row and its secret (shown once, stored only as a hash)."""
+    if role != Role.admin and not tenant:
+        raise ValueError(f"a {role} key needs a tenant")
+    secret = new_key_secret()
+    key = ApiKey(
+        name=name,
+        role=role,
+        tenant=None if role == Role.admin else tenant,
+        key_hash=hash_api_key(secret),
+        created_at=now or utcnow(),
+    )
+    session.add(key)
+    return key, secret
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def lookup_key(session: Session, secret: str) -> ApiKey | None:
+    digest = hash_api_key(secret)
+    hit = _cache.get(digest)
+    if hit is not None and hit[0] > time.monotonic():
+        return hit[1]
+    key = session.exec(
+        select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at == None)  # noqa: E711
+    ).first()
+    if key is not None:
+        session.expunge(key)
+    if len(_cache) > 10_000:
+        _cache.clear()
+    _cache[digest] = (time.monotonic() + _CACHE_SECONDS, key)
+    return key
+
+
+def current_key(request: Request, session: SessionDep) -> ApiKey:
+    secret = bearer(request)
+    key = lookup_key(session, secret) if secret else None
+    if key is None:
+        raise HTTPException(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+    return key
+
+
+def require(*roles: Role) -> Callable[..., ApiKey]:
+    def dependency(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+        if key.role not in roles:
+            raise HTTPException(403, f"a {key.role} key may not do this")
+        return key
+
+    return dependency
+
+
+def tenant_scope(key: ApiKey, tenant: str | None) -> str | None:
+    """The tenant a request reads: its key's own; an admin may name one (None: all)."""
+    if key.role == Role.admin:
+        return tenant
+    return key.tenant
+
+
+EmitterKey = Annotated[ApiKey, Depends(require(Role.emitter))]
+ReaderKey = Annotated[ApiKey, Depends(require(Role.emitter, Role.operator, Role.admin))]
+OperatorKey = Annotated[ApiKey, Depends(require(Role.operator, Role.admin))]
+AdminKey = Annotated[ApiKey, Depends(require(Role.admin))]

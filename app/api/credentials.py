@@ -1,0 +1,142 @@
+"""The one-time claim, the ledger of credentials, and a manual revoke."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, col, select
+
+from app import ledger, notify, observe, sealing
+from app.api.auth import OperatorKey, bearer, tenant_scope
+from app.api.errors import ApiError
+from app.api.pages import page
+from app.api.paths import raw_segment
+from app.api.schemas import ApiJSON, credential_view
+from app.db import SessionDep, get_engine
+from app.models import Credential, CredState, Task, TaskState, utcnow
+from workers.celery_app import enqueue_revoke
+
+router = APIRouter(tags=["credentials"])
+MAX_WAIT = 30.0
+WAITING = (CredState.pending, CredState.awaiting_approval)
+
+
+def _latest(session: Session, task_pk: str, grant: str) -> Credential | None:
+    return session.exec(
+        select(Credential)
+        .where(Credential.task_id == task_pk, Credential.grant == grant)
+        .order_by(col(Credential.generation).desc())
+    ).first()
+
+
+def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[int, dict[str, Any]]:
+    """One attempt: (status, body). 409 means 'not yet'."""
+    with Session(get_engine(), expire_on_commit=False) as session:
+        task = session.get(Task, task_pk)
+        if task is None or task.tenant != tenant or task.name != task_name:
+            return 403, {"error": "this claim token is not valid for this task"}
+        cred = _latest(session, task_pk, grant)
+        if cred is None:
+            return 404, {"error": f"task has no grant {grant!r}"}
+        if task.state != TaskState.running:
+            return 410, {"error": "the task has ended", "state": task.state}
+        if cred.state in WAITING:
+            return 409, {"error": "not minted yet", "state": cred.state}
+        if cred.state != CredState.active:
+            return 410, {"error": f"credential is {cred.state}", "state": cred.state}
+        now = utcnow()
+        sealed = ledger.take_secret(session, cred, actor="claim", now=now)
+        if sealed is None:
+            ledger.record_second_claim(session, cred, actor="claim", now=now)
+            session.commit()
+            observe.second_claim(cred)
+            return 410, {"error": "credential was already claimed", "state": "claimed"}
+        session.commit()
+        observe.claimed(cred)
+        return 200, {
+            "grant": cred.grant,
+            "profile": cred.profile,
+            "issuer": cred.issuer,
+            "expires_at": cred.expires_at,
+            "secret": sealing.unseal(sealed),
+        }
+
+
+@router.post("/v1/tasks/{task_id:path}/credentials/{grant}/claim", response_class=ApiJSON)
+async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MAX_WAIT)) -> ApiJSON:
+    # The token comes first: a wrong one answers 403 whether or not the task exists.
+    token = bearer(request)
+    bound = sealing.read_claim_token(token) if token else None
+    if bound is None:
+        raise ApiError(403, "a valid claim token is required")
+    tenant, task_pk = bound
+    task_name = raw_segment(request, 2)
+    grant = raw_segment(request, 4)
+    deadline = time.monotonic() + wait
+    while True:
+        status, body = await run_in_threadpool(_try_claim, task_pk, task_name, tenant, grant)
+        remaining = deadline - time.monotonic()
+        if status != 409 or remaining <= 0:
+            break
+        cred_id = await run_in_threadpool(_cred_id, task_pk, grant)
+        await notify.waiters.wait(cred_id or "", remaining)
+    headers = {"Cache-Control": "no-store"}
+    if status == 409:
+        headers["Retry-After"] = "1"
+    return ApiJSON(body, status_code=status, headers=headers)
+
+
+def _cred_id(task_pk: str, grant: str) -> str | None:
+    with Session(get_engine()) as session:
+        cred = _latest(session, task_pk, grant)
+        return cred.id if cred else None
+
+
+@router.get("/v1/credentials", response_class=ApiJSON)
+def list_credentials(
+    key: OperatorKey,
+    session: SessionDep,
+    state: str | None = None,
+    profile: str | None = None,
+    task: str | None = None,
+    tenant: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = None,
+) -> ApiJSON:
+    query = select(Credential)
+    scope = tenant_scope(key, tenant)
+    if scope is not None:
+        query = query.where(Credential.tenant == scope)
+    if state is not None:
+        query = query.where(Credential.state == state)
+    if profile is not None:
+        query = query.where(Credential.profile == profile)
+    if task is not None:
+        query = query.join(Task).where(Task.name == task)
+    rows, nxt = page(session, query, Credential.id, limit, cursor)
+    names = dict(
+        session.exec(select(Task.id, Task.name).where(col(Task.id).in_({c.task_id for c in rows})))
+        .all()
+    )
+    items = [credential_view(c, names.get(c.task_id)) | {"tenant": c.tenant} for c in rows]
+    return ApiJSON({"items": items, "next": nxt})
+
+
+@router.post("/v1/credentials/{credential_id}/revoke", response_class=ApiJSON, status_code=202)
+def revoke_credential(credential_id: str, key: OperatorKey, session: SessionDep) -> ApiJSON:
+    cred = session.get(Credential, credential_id)
+    scope = tenant_scope(key, None)
+    if cred is None or (scope is not None and cred.tenant != scope):
+        raise ApiError(404, f"no credential {credential_id!r}")
+    ids = ledger.request_revoke(
+        session, credential_id=cred.id, reason="manual", actor=key.name, now=utcnow()
+    )
+    session.commit()
+    if not ids:
+        session.refresh(cred)
+        raise ApiError(409, f"credential is {cred.state}, not live", state=cred.state)
+    enqueue_revoke(ids)
+    return ApiJSON({"id": cred.id, "state": CredState.revoking}, status_code=202)

@@ -1,0 +1,15 @@
+"""Task ids with `/` travel as one percent-encoded segment; Starlette decodes
+before routing, so read the segment from the raw path."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from fastapi import Request
+
+
+def raw_segment(request: Request, index: int) -> str:
+    """Segment `index` (0 = the first after the leading /) of the undecoded path."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    parts = raw.decode("latin-1").split("?", 1)[0].lstrip("/").split("/")
+    return unquote(parts[index], errors="strict")

@@ -1,0 +1,259 @@
+"""`leasehold`: the one entry point."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from pydantic import ValidationError
+
+from app.models import Role
+from app.settings import Settings, get_settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
+cli.add_typer(db_cli, name="db")
+cli.add_typer(keys_cli, name="keys")
+
+SAMPLE_PROFILES = Path(__file__).parent / "sample" / "profiles.toml"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"leasehold: {message}", err=True)
+    return typer.Exit(code)
+
+
+def settings() -> Settings:
+    """Settings, with errors printed without the values (they may be secrets)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise fail(f"bad configuration: {problems}") from None
+
+
+def _checked_profiles() -> None:
+    from app.db import session_scope
+    from app.profiles import ProfileError
+    from app.startup import check
+
+    try:
+        with session_scope() as session:
+            check(session)
+    except ProfileError as exc:
+        raise fail(str(exc)) from None
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations."""
+    settings()
+    from app.migrate import upgrade
+
+    upgrade()
+    typer.echo("ledger is up to date")
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: str,
+    role: Annotated[Role, typer.Option(help="emitter, operator or admin")],
+    tenant: Annotated[str | None, typer.Option(help="the tenant (emitter, operator)")] = None,
+) -> None:
+    """Print a new key, and only the key, on stdout."""
+    settings()
+    from sqlalchemy.exc import IntegrityError
+
+    from app.api.auth import create_key
+    from app.db import session_scope
+
+    try:
+        with session_scope() as session:
+            _, secret = create_key(session, name=name, role=role, tenant=tenant)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except IntegrityError:
+        raise fail(f"a key named {name!r} exists") from None
+    typer.echo(secret)
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """The keys, without their secrets."""
+    settings()
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import ApiKey
+
+    with session_scope() as session:
+        rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
+        typer.echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} STATUS")
+        for k in rows:
+            status = "retired" if k.revoked_at else "active"
+            typer.echo(f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
+                       f"{k.created_at:%Y-%m-%d %H:%M:%S} {status}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Retire a key: it stops working within seconds."""
+    settings()
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import ApiKey, utcnow
+
+    with session_scope() as session:
+        key = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
+        if key is None:
+            raise fail(f"no key named {name!r}")
+        key.revoked_at = key.revoked_at or utcnow()
+    typer.echo(f"key {name!r} retired")
+
+
+@cli.command()
+def api(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+) -> None:
+    """The HTTP API."""
+    settings()
+    _checked_profiles()
+    import uvicorn
+
+    uvicorn.run("app.api:create_app", factory=True, host=host, port=port,
+                log_level="warning", access_log=False)
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="queues to consume")] = "revoke,mint",
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
+    beat: Annotated[bool, typer.Option("--beat", help="run the scheduler inside")] = False,
+) -> None:
+    """A Celery worker (revocations first)."""
+    s = settings()
+    _checked_profiles()
+    from app.logs import configure_logging
+    from workers.celery_app import celery_app
+
+    configure_logging(s)
+    argv = ["worker", "-Q", queues, "-c", str(concurrency), "--loglevel", s.log_level,
+            "-n", f"leasehold-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle"]
+    if beat:
+        import schedules.beat  # noqa: F401  (installs the schedule)
+
+        argv.append("-B")
+    celery_app.worker_main(argv)
+
+
+@cli.command("beat")
+def beat_cmd() -> None:
+    """The Celery beat scheduler: deadline sweeps and re-drives."""
+    s = settings()
+    import schedules.beat  # noqa: F401  (installs the schedule)
+    from app.logs import configure_logging
+    from workers.celery_app import celery_app
+
+    configure_logging(s)
+    celery_app.start(["beat", "--loglevel", s.log_level])
+
+
+def _parse_grant(text: str) -> dict[str, str]:
+    name, sep, profile = text.partition("=")
+    if not sep or not name or not profile:
+        raise typer.BadParameter(f"{text!r}: use NAME=PROFILE")
+    return {"name": name, "profile": profile}
+
+
+@cli.command()
+def emit(
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="started, heartbeat, succeeded, "
+                                         "failed, cancelled (or task.started, ...)")],
+    task_id: Annotated[str, typer.Argument(help="the task's id (the event subject)")],
+    grant: Annotated[list[str] | None, typer.Option(help="NAME=PROFILE, repeatable")] = None,
+    max_duration: Annotated[int | None, typer.Option(help="seconds")] = None,
+    workload: Annotated[str | None, typer.Option()] = None,
+    parent: Annotated[str | None, typer.Option()] = None,
+    source: Annotated[str, typer.Option(help="the CloudEvents source")] = "cli://leasehold",
+    event_id: Annotated[str | None, typer.Option("--id", help="event id (default: new)")] = None,
+) -> None:
+    """Send one event, as an orchestrator would (LEASEHOLD_URL, LEASEHOLD_KEY)."""
+    s = settings()
+    if s.key is None:
+        raise fail("set LEASEHOLD_KEY to an emitter key")
+    kind = type_ if type_.startswith("task.") else f"task.{type_}"
+    data: dict[str, Any] = {}
+    if kind == "task.started":
+        data["grants"] = [_parse_grant(g) for g in grant or []]
+        data["max_duration"] = max_duration if max_duration is not None else 600
+    elif max_duration is not None:
+        data["max_duration"] = max_duration
+    if workload:
+        data["workload"] = workload
+    if parent:
+        data["parent"] = parent
+    event = {"specversion": "1.0", "id": event_id or f"cli-{uuid.uuid4()}", "source": source,
+             "type": kind, "subject": task_id,
+             "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "data": data}
+    try:
+        answer = httpx.post(
+            f"{s.url.rstrip('/')}/v1/events",
+            json=event,
+            headers={"Authorization": f"Bearer {s.key.get_secret_value()}"},
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
+    typer.echo(json.dumps(answer.json(), indent=2))
+    if answer.status_code >= 400:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def status() -> None:
+    """Tasks and credentials at a glance."""
+    settings()
+    from app.db import session_scope
+    from app.status import render_status
+
+    with session_scope() as session:
+        typer.echo(render_status(session))
+
+
+@cli.command()
+def sweep() -> None:
+    """Run the deadline sweep and the re-drive once, and print what they did."""
+    settings()
+    from schedules.sweep import redrive, sweep_deadlines
+
+    typer.echo(f"timed out: {sweep_deadlines()} credential revocations requested")
+    typer.echo(f"re-driven: {redrive()} stuck credentials")
+
+
+@cli.command()
+def up(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8700,
+) -> None:
+    """Everything on one machine: ledger, API, worker with scheduler, and OpenBao dev."""
+    from app.embedded import run_everything
+
+    raise typer.Exit(run_everything(settings(), host=host, port=port))
+
+
+def main() -> None:
+    cli(prog_name="leasehold")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""PostgreSQL issuer: one LOGIN role per credential, joining a per-profile group.
+
+The profile's grants go once to a NOLOGIN group role; a credential is
+`CREATE ROLE ... LOGIN ... VALID UNTIL ... IN ROLE <group>`, so minting and
+revoking never touch an ACL (concurrent GRANT/REVOKE on one object fails with
+"tuple concurrently updated", and per-credential grants bloat ACLs).
+Passwords travel only as SCRAM-SHA-256 verifiers: a failed statement lands in
+the server log, and the plaintext must not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.numeric import Oid
+from psycopg_pool import ConnectionPool
+
+from app.issuers.base import (
+    IssuerError,
+    MarkedObject,
+    Minted,
+    MintRequest,
+    PermanentIssuerError,
+    TemporaryIssuerError,
+)
+from app.profiles import PostgresProfile
+from app.settings import Settings
+
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+_COMMENT = re.compile(r"^leasehold installation=(?P<inst>\S+) (?:credential=(?P<cred>\S+)|group)$")
+
+
+def scram_sha256_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The verifier PostgreSQL stores in pg_authid.rolpassword (RFC 5802/7677)."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _libpq_url(dsn: str) -> str:
+    """libpq does not know SQLAlchemy's `+psycopg` driver suffix."""
+    scheme, sep, rest = dsn.partition("://")
+    return scheme.split("+", 1)[0] + sep + rest
+
+
+def credential_dsn(dsn: str, username: str, password: str) -> str:
+    """The profile's DSN with its user and password replaced by the credential's."""
+    parts = urlsplit(_libpq_url(dsn))
+    hosts = parts.netloc.rpartition("@")[2]
+    userinfo = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    # A user or password in the query string would override the userinfo.
+    query = urlencode(
+        [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k not in ("user", "password", "passfile")
+        ]
+    )
+    return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, parts.fragment))
+
+
+class PostgresIssuer:
+    """Mints login roles on the cluster behind `profile.dsn` (an admin connection)."""
+
+    def __init__(
+        self, profile: PostgresProfile, *, installation_id: str, settings: Settings
+    ) -> None:
+        self.profile = profile
+        self.installation_id = installation_id
+        self.prefix = f"lh_{installation_id[:12]}_"
+        self._group_pattern = re.compile(re.escape(self.prefix) + r"g_[0-9a-f]{12}")
+        self._timeout = settings.backend_timeout
+        self._conninfo = _libpq_url(profile.dsn)
+        self._dsn_password = conninfo_to_dict(self._conninfo).get("password") or None
+        self._pool_lock = threading.Lock()
+        self._group_lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._group: str | None = None  # set once the group role is ensured
+        self._database: str | None = None
+
+    # -- the Issuer face ---------------------------------------------------
+
+    def mint(self, req: MintRequest) -> Minted:
+        name = self._own(req.name)
+        if self._group_pattern.fullmatch(name):
+            raise PermanentIssuerError(f"postgres mint: {name} is a group role name")
+        expires_at = self._cap(req.expires_at)
+        password = secrets.token_urlsafe(32)
+        verifier = scram_sha256_verifier(password)
+        with self._errors("mint", password, verifier):
+            group = self.ensure_group()
+            try:
+                self._create_login(name, verifier, expires_at, req.credential_id, group)
+            except errors.DuplicateObject:
+                # A retried mint: nobody holds the old password, start afresh.
+                self._drop(name)
+                self._create_login(name, verifier, expires_at, req.credential_id, group)
+            except errors.UndefinedObject:
+                # The group vanished under us (dropped by hand): make it again.
+                with self._group_lock:
+                    self._group = None
+                group = self.ensure_group()
+                self._create_login(name, verifier, expires_at, req.credential_id, group)
+        return Minted(
+            ref=name,
+            secret={
+                "username": name,
+                "password": password,
+                "dsn": credential_dsn(self.profile.dsn, name, password),
+            },
+            expires_at=expires_at,
+        )
+
+    def revoke(self, ref: str) -> None:
+        name = self._own(ref)
+        if self._group_pattern.fullmatch(name):
+            raise PermanentIssuerError(f"postgres revoke: refusing group role {name}")
+        with self._errors("revoke"):
+            self._drop(name)
+
+    def exists(self, ref: str) -> bool:
+        with self._errors("exists"), self._connection() as conn:
+            row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ref,)).fetchone()
+        return row is not None
+
+    def list_marked(self) -> list[MarkedObject]:
+        query = """
+            SELECT rolname, rolcanlogin, rolvaliduntil, shobj_description(oid, 'pg_authid')
+            FROM pg_roles WHERE starts_with(rolname, %s) ORDER BY rolname
+        """
+        with self._errors("list"), self._connection() as conn:
+            rows = conn.execute(query, (self.prefix,)).fetchall()
+        marked = []
+        for name, can_login, valid_until, comment in rows:
+            match = _COMMENT.match(comment or "")
+            if match and match["inst"] != self.installation_id:
+                continue  # shares our 12-character prefix, but not ours
+            if self._group_pattern.fullmatch(name) or (match and match["cred"] is None):
+                continue  # a group role holds grants, it is no credential
+            extra = {"login": str(can_login).lower()}
+            if valid_until is not None:
+                extra["valid_until"] = valid_until.isoformat()
+            marked.append(
+                MarkedObject(
+                    ref=name,
+                    credential_id=match["cred"] if match else None,
+                    name=name,
+                    extra=extra,
+                )
+            )
+        return marked
+
+    def extend(self, ref: str, expires_at: datetime) -> None:
+        name = self._own(ref)
+        stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(
+            sql.Identifier(name), sql.Literal(self._cap(expires_at).isoformat())
+        )
+        with self._errors("extend"), self._connection() as conn:
+            conn.execute(stmt)
+
+    def check(self) -> list[str]:
+        query = """
+            SELECT current_database(),
+                   has_database_privilege('public', current_database(), 'CONNECT'),
+                   has_database_privilege('public', current_database(), 'TEMP'),
+                   (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user),
+                   pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
+        """
+        with self._errors("check"), self._connection() as conn:
+            row = conn.execute(query).fetchone()
+        assert row is not None
+        database, connect, temp, createrole, signal = row
+        where = f"profile '{self.profile.name}': database '{database}'"
+        warnings = []
+        if connect:
+            warnings.append(
+                f"{where} grants CONNECT to PUBLIC, so every credential can connect to it"
+                f" (REVOKE CONNECT ON DATABASE ... FROM PUBLIC)"
+            )
+        if temp:
+            warnings.append(
+                f"{where} grants TEMP to PUBLIC, so every credential can create temporary"
+                f" tables (REVOKE TEMP ON DATABASE ... FROM PUBLIC)"
+            )
+        if not createrole:
+            warnings.append(f"profile '{self.profile.name}': the DSN's user lacks CREATEROLE")
+        if not signal:
+            warnings.append(
+                f"profile '{self.profile.name}': the DSN's user cannot terminate sessions"
+                f" (GRANT pg_signal_backend)"
+            )
+        return warnings
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    # -- the group role ----------------------------------------------------
+
+    def ensure_group(self) -> str:
+        """Create the profile's group role and give it the grants, once per process."""
+        if self._group is not None:
+            return self._group
+        with self._errors("group"), self._group_lock:
+            if self._group is not None:
+                return self._group
+            with self._connection() as conn, conn.transaction():
+                row = conn.execute("SELECT current_database()").fetchone()
+                assert row is not None
+                self._database = row[0]
+                digest = hashlib.sha256(
+                    "\n".join((self._database, *self.profile.grants)).encode()
+                ).hexdigest()[:12]
+                group = f"{self.prefix}g_{digest}"
+                # Concurrent GRANTs on one object fail ("tuple concurrently
+                # updated"): serialise every group set-up in this database.
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('leasehold:group-grants', 0))"
+                )
+                found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (group,))
+                ident = sql.Identifier(group)
+                if found.fetchone() is None:
+                    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(ident))
+                comment = f"leasehold installation={self.installation_id} group"
+                conn.execute(
+                    sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(comment))
+                )
+                # Granted at every start, so a group repairs itself and
+                # "ALL TABLES" picks up tables created since.
+                role = ident.as_string(conn)
+                for grant in self.profile.grants:
+                    conn.execute(grant.replace("{role}", role).encode())
+            self._group = group
+            return group
+
+    # -- internals ---------------------------------------------------------
+
+    def _create_login(
+        self, name: str, verifier: str, expires_at: datetime, credential_id: str, group: str
+    ) -> None:
+        ident = sql.Identifier(name)
+        comment = f"leasehold installation={self.installation_id} credential={credential_id}"
+        # One simple query runs as one implicit transaction: atomic, one round trip.
+        stmt = sql.SQL(
+            "CREATE ROLE {} LOGIN PASSWORD {} VALID UNTIL {} IN ROLE {}; COMMENT ON ROLE {} IS {}"
+        ).format(
+            ident,
+            sql.Literal(verifier),
+            sql.Literal(expires_at.isoformat()),
+            sql.Identifier(group),
+            ident,
+            sql.Literal(comment),
+        )
+        with self._connection() as conn:
+            conn.execute(stmt)
+
+    def _drop(self, name: str) -> None:
+        """NOLOGIN, end its sessions, DROP, verify: no gap for a new session."""
+        ident = sql.Identifier(name)
+        deadline = time.monotonic() + self._timeout
+        with self._connection() as conn:
+            try:
+                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
+            except errors.UndefinedObject:
+                return  # already gone: revoking is idempotent
+            row = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            if row is None:
+                return  # dropped concurrently
+            oid = row[0]
+            self._end_sessions(conn, oid, deadline)
+            try:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+            except errors.DependentObjectsStillReferenced:
+                # It owns something here (it should not): give it up, then drop.
+                conn.execute(
+                    sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(ident, ident)
+                )
+            # A session that logged in just before NOLOGIN may show up late;
+            # by oid it is still found after the role is gone.
+            self._end_sessions(conn, oid, deadline)
+            row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+        if row is not None:
+            raise TemporaryIssuerError(f"postgres revoke: role {name} still exists after DROP")
+
+    def _end_sessions(self, conn: psycopg.Connection[Any], oid: int, deadline: float) -> None:
+        """Terminate the role's backends and wait until they are gone."""
+        # MATERIALIZED fences the filter: the planner may otherwise evaluate
+        # pg_terminate_backend() before `usesysid = ...` and end every session.
+        # No server-side wait (pg_terminate_backend(pid, ms) polls every 100 ms):
+        # signal, then look again soon; a signalled backend exits in about 1 ms.
+        query = """
+            WITH mine AS MATERIALIZED (
+                SELECT pid FROM pg_stat_activity
+                WHERE usesysid = %s AND pid <> pg_backend_pid()
+            )
+            SELECT count(pg_terminate_backend(pid)) FROM mine
+        """
+        pause = 0.002
+        while True:
+            row = conn.execute(query, (Oid(oid),)).fetchone()
+            if row is None or row[0] == 0:
+                return
+            if time.monotonic() + pause >= deadline:
+                raise TemporaryIssuerError(
+                    f"postgres revoke: {row[0]} session(s) still open after terminate"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    def _own(self, name: str) -> str:
+        """Refuse a name that does not carry this installation's mark."""
+        if not name.startswith(self.prefix) or len(name) == len(self.prefix):
+            raise PermanentIssuerError(f"postgres: refusing role {name!r}, not {self.prefix}*")
+        return name
+
+    def _cap(self, expires_at: datetime) -> datetime:
+        """Never let the backend expiry pass the profile's max_ttl."""
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=UTC)
+        limit = datetime.now(UTC) + timedelta(seconds=self.profile.max_ttl)
+        return min(expires_at.astimezone(UTC), limit)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._get_pool().connection() as conn:
+            yield conn
+
+    def _get_pool(self) -> ConnectionPool:
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._pool_lock:
+            if self._pool is None:
+                pool = ConnectionPool(
+                    self._conninfo,
+                    min_size=1,
+                    max_size=4,
+                    timeout=self._timeout,
+                    open=False,
+                    name=f"leasehold-{self.profile.name}",
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": max(2, math.ceil(self._timeout)),
+                        "application_name": "leasehold-issuer",
+                    },
+                    configure=self._configure,
+                )
+                # A pool that failed to open is closed for good: keep none, so
+                # the next call (a retry) builds a fresh one.
+                pool.open(wait=True, timeout=self._timeout)
+                self._pool = pool
+            return self._pool
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            sql.SQL("SET statement_timeout = {}").format(
+                sql.Literal(f"{max(1, int(self._timeout * 1000))}ms")
+            )
+        )
+
+    @contextmanager
+    def _errors(self, action: str, *secrets_: str) -> Iterator[None]:
+        """Map backend errors to temporary/permanent, with messages safe to log."""
+        try:
+            yield
+        except IssuerError:
+            raise
+        except psycopg.Error as exc:
+            message = self._describe(exc, secrets_)
+            if _is_temporary(exc):
+                raise TemporaryIssuerError(f"postgres {action}: {message}") from None
+            raise PermanentIssuerError(f"postgres {action}: {message}") from None
+
+    def _describe(self, exc: psycopg.Error, secrets_: tuple[str, ...]) -> str:
+        # diag.message_primary leaves out libpq's "LINE 1: <statement>" echo,
+        # which would quote a password verifier.
+        text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
+        text = text or type(exc).__name__
+        for secret in (self._dsn_password, *secrets_):
+            if secret:
+                text = text.replace(secret, "***")
+        return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
+
+
+def _is_temporary(exc: psycopg.Error) -> bool:
+    # OperationalError covers lost connections, pool timeouts, statement and
+    # lock timeouts, serialization failures and deadlocks.
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    primary = exc.diag.message_primary or ""
+    return "tuple concurrently updated" in primary or "tuple concurrently deleted" in primary

@@ -1,0 +1,209 @@
+"""Vault/OpenBao issuers: a scoped token (vault-token) or a dynamic secret read
+through a per-credential token (vault-dynamic).
+
+Both mint a token that carries the mark in its metadata, so both revoke, check,
+extend and list the same way: by the token's accessor. For vault-dynamic,
+revoking the per-credential token revokes every lease it created (also when the
+secret was response-wrapped), and its expiry does the same if Leasehold dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from app.issuers.base import (
+    IssuerError,
+    MarkedObject,
+    Minted,
+    MintRequest,
+    PermanentIssuerError,
+    TemporaryIssuerError,
+)
+from app.profiles import VaultDynamicProfile, VaultTokenProfile
+from app.settings import Settings
+from app.vault import VaultGateway, get_gateway, vault_errors
+
+log = logging.getLogger(__name__)
+
+_LOOKUP_THREADS = 8  # list_marked looks tokens up one request each; overlap them
+
+
+def _seconds_until(when: datetime, *, cap: int) -> int:
+    """Whole seconds until `when` (rounded down so the backend never outlives
+    it), at least 1, at most `cap`."""
+    left = int((when - datetime.now(UTC)).total_seconds())
+    return max(1, min(left, cap))
+
+
+class _TokenIssuer:
+    """Shared by both Vault issuers: per-credential tokens, found by accessor."""
+
+    issuer = "vault-token"
+
+    def __init__(
+        self,
+        profile: VaultTokenProfile | VaultDynamicProfile,
+        *,
+        installation_id: str,
+        settings: Settings,
+    ) -> None:
+        self.profile = profile
+        self.installation_id = installation_id
+        self._gateway: VaultGateway = get_gateway(settings)
+
+    def _create_token(self, req: MintRequest, policies: list[str]) -> tuple[dict[str, Any], int]:
+        """Create the credential's token; returns (auth block, granted ttl)."""
+        ttl = _seconds_until(req.expires_at, cap=self.profile.max_ttl)
+        auth = self._gateway.create_token(
+            policies=policies,
+            ttl=ttl,
+            explicit_max_ttl=self.profile.max_ttl,
+            meta={
+                "leasehold": self.installation_id,
+                "credential": req.credential_id,
+                "task": req.task_digest,
+                # Lets each profile's reconciliation list only its own tokens.
+                "profile": self.profile.name,
+            },
+            display_name=f"lh-{req.credential_id}",
+        )
+        return auth, int(auth.get("lease_duration") or ttl)
+
+    def _discard(self, accessor: str) -> None:
+        """Best-effort cleanup after a failed mint; reconciliation is the backstop."""
+        try:
+            self._gateway.revoke_accessor(accessor)
+        except IssuerError as exc:
+            log.warning("could not revoke the token of a failed %s mint: %s", self.issuer, exc)
+
+    def revoke(self, ref: str) -> None:
+        self._gateway.revoke_accessor(ref)
+        if self._gateway.lookup_accessor(ref) is not None:
+            raise TemporaryIssuerError("vault token still present after revoke")
+
+    def exists(self, ref: str) -> bool:
+        return self._gateway.lookup_accessor(ref) is not None
+
+    def extend(self, ref: str, expires_at: datetime) -> None:
+        """Renew the token by accessor to the new deadline.
+
+        Vault caps it at the token's explicit max TTL (the profile's max_ttl,
+        counted from the mint). For vault-dynamic this keeps the token, and so
+        its leases, alive; a lease whose own TTL is shorter still ends then.
+        """
+        if self._gateway.lookup_accessor(ref) is None:
+            raise PermanentIssuerError("vault token no longer exists; cannot extend")
+        increment = _seconds_until(expires_at, cap=self.profile.max_ttl)
+        self._gateway.renew_accessor(ref, increment)
+
+    def list_marked(self) -> list[MarkedObject]:
+        accessors = self._gateway.list_accessors()
+        with ThreadPoolExecutor(max_workers=_LOOKUP_THREADS) as pool:
+            tokens = list(pool.map(self._gateway.lookup_accessor, accessors))
+        marked = []
+        for accessor, data in zip(accessors, tokens, strict=True):
+            meta = (data or {}).get("meta") or {}
+            if meta.get("leasehold") != self.installation_id:
+                continue
+            if meta.get("profile") != self.profile.name:
+                continue
+            marked.append(
+                MarkedObject(
+                    ref=accessor,
+                    credential_id=meta.get("credential"),
+                    name=(data or {}).get("display_name"),
+                    extra={"task": meta.get("task", ""), "profile": self.profile.name},
+                )
+            )
+        return marked
+
+    def check(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        # The gateway is shared by this process's Vault issuers; close_gateways() ends it.
+        pass
+
+
+class VaultTokenIssuer(_TokenIssuer):
+    """A token with only the profile's policies; secret {token, accessor}."""
+
+    issuer = "vault-token"
+
+    def __init__(
+        self, profile: VaultTokenProfile, *, installation_id: str, settings: Settings
+    ) -> None:
+        super().__init__(profile, installation_id=installation_id, settings=settings)
+        self.profile: VaultTokenProfile = profile
+
+    def mint(self, req: MintRequest) -> Minted:
+        now = datetime.now(UTC)
+        auth, ttl = self._create_token(req, list(self.profile.policies))
+        return Minted(
+            ref=auth["accessor"],
+            secret={"token": auth["client_token"], "accessor": auth["accessor"]},
+            expires_at=min(req.expires_at, now + timedelta(seconds=ttl)),
+        )
+
+
+class VaultDynamicIssuer(_TokenIssuer):
+    """Reads profile.path with a fresh per-credential token; the token is the ref."""
+
+    issuer = "vault-dynamic"
+
+    def __init__(
+        self, profile: VaultDynamicProfile, *, installation_id: str, settings: Settings
+    ) -> None:
+        super().__init__(profile, installation_id=installation_id, settings=settings)
+        self.profile: VaultDynamicProfile = profile
+        self.path = profile.path.strip("/")
+        # Vault stores policy names in lower case; tokens must name it the same way.
+        self.policy = f"lh-{installation_id[:12]}-{profile.name}".lower()
+        self._policy_lock = threading.Lock()
+        self._policy_ready = False
+
+    def _ensure_policy(self) -> None:
+        with self._policy_lock:
+            if self._policy_ready:
+                return
+            # json.dumps quotes the path as an HCL string.
+            rules = f'path {json.dumps(self.path)} {{\n  capabilities = ["read", "update"]\n}}\n'
+            self._gateway.write_policy(self.policy, rules)
+            self._policy_ready = True
+
+    def mint(self, req: MintRequest) -> Minted:
+        self._ensure_policy()
+        now = datetime.now(UTC)
+        auth, ttl = self._create_token(req, [self.policy])
+        try:
+            secret, lease = self._read(auth["client_token"], wrap_ttl=ttl)
+        except BaseException:
+            self._discard(auth["accessor"])
+            raise
+        expires_at = min(req.expires_at, now + timedelta(seconds=ttl))
+        if lease:
+            expires_at = min(expires_at, now + timedelta(seconds=lease))
+        return Minted(ref=auth["accessor"], secret=secret, expires_at=expires_at)
+
+    def _read(self, token: str, *, wrap_ttl: int) -> tuple[dict[str, Any], int]:
+        """Read the path as the credential's token: (secret, lease seconds or 0)."""
+        client = self._gateway.client_for(token)
+        wrap = f"{wrap_ttl}s" if self.profile.wrap else None
+        with vault_errors(f"read {self.path}"):
+            resp = client.read(self.path, wrap_ttl=wrap)
+        if not isinstance(resp, dict):
+            raise PermanentIssuerError(f"vault read {self.path}: no secret at this path")
+        if self.profile.wrap:
+            wrap_info = resp.get("wrap_info") or {}
+            if not wrap_info.get("token"):
+                raise PermanentIssuerError(f"vault read {self.path}: response was not wrapped")
+            return {"wrap_token": wrap_info["token"]}, 0
+        data = resp.get("data")
+        if not isinstance(data, dict):
+            raise PermanentIssuerError(f"vault read {self.path}: response carried no data")
+        return data, int(resp.get("lease_duration") or 0)

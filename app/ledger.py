@@ -1,0 +1,567 @@
+"""The ledger: every task and credential state change, each a compare-and-set.
+
+Functions take `session` and never commit: the caller owns the unit of work
+and enqueues worker jobs (ids only) after its commit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, update
+from sqlmodel import Session, col, select
+
+from app.models import (
+    LIVE_CRED_STATES,
+    ApiKey,
+    AuditEntry,
+    Credential,
+    CredState,
+    Event,
+    Installation,
+    Task,
+    TaskState,
+    utcnow,
+)
+from app.profiles import Profile
+
+TERMINAL_EVENTS = {
+    "task.succeeded": (TaskState.succeeded, "succeeded"),
+    "task.failed": (TaskState.failed, "failed"),
+    "task.cancelled": (TaskState.cancelled, "cancelled"),
+}
+EVENT_TYPES = ("task.started", "task.heartbeat", *TERMINAL_EVENTS)
+MAX_DEPTH = 4  # levels of tasks, the root included
+MAX_CHILDREN = 64
+
+
+class LedgerError(Exception):
+    """A refusal with an HTTP status; nothing of the unit of work is kept."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@dataclass
+class EventIn:
+    """A validated CloudEvent, as the ledger needs it."""
+
+    source: str
+    id: str
+    type: str
+    subject: str
+    time: datetime | None
+    data: dict[str, Any] | None
+    body_hash: str
+
+
+@dataclass
+class EventResult:
+    task: Task
+    duplicate: bool
+    to_mint: list[str] = field(default_factory=list)
+    to_revoke: list[str] = field(default_factory=list)
+    to_extend: list[str] = field(default_factory=list)
+
+
+def installation(session: Session) -> Installation:
+    row = session.exec(select(Installation)).first()
+    if row is None:
+        raise RuntimeError("ledger has no installation row: run `leasehold db upgrade`")
+    return row
+
+
+def audit(
+    session: Session,
+    action: str,
+    *,
+    actor: str,
+    tenant: str | None = None,
+    task_id: str | None = None,
+    credential_id: str | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    session.add(
+        AuditEntry(
+            at=now or utcnow(),
+            tenant=tenant,
+            actor=actor,
+            action=action,
+            task_id=task_id,
+            credential_id=credential_id,
+            reason=reason,
+            detail=detail,
+        )
+    )
+
+
+def backend_name(installation_id: str, credential_id: str) -> str:
+    """The mark every minted object carries: lh_<installation>_<credential>."""
+    return f"lh_{installation_id[:12]}_{credential_id}"
+
+
+def find_task(session: Session, tenant: str, name: str, *, lock: bool = False) -> Task | None:
+    query = select(Task).where(Task.tenant == tenant, Task.name == name)
+    if lock:
+        query = query.with_for_update()
+    return session.exec(query).first()
+
+
+def task_credentials(session: Session, task_pk: str) -> list[Credential]:
+    return list(
+        session.exec(
+            select(Credential)
+            .where(Credential.task_id == task_pk)
+            .order_by(col(Credential.grant), col(Credential.generation))
+        )
+    )
+
+
+# --- events --------------------------------------------------------------
+
+
+def apply_event(
+    session: Session,
+    *,
+    key: ApiKey,
+    event: EventIn,
+    profiles: dict[str, Profile],
+    installation_id: str,
+    retention_days: int,
+    now: datetime | None = None,
+) -> EventResult:
+    """Store one event and apply its transition; raise LedgerError to refuse it."""
+    now = now or utcnow()
+    tenant = key.tenant or ""
+    seen = session.exec(
+        select(Event).where(
+            Event.tenant == tenant, Event.source == event.source, Event.event_id == event.id
+        )
+    ).first()
+    task = find_task(session, tenant, event.subject, lock=True)
+    if task is not None and task.owner_key_id != key.id:
+        raise LedgerError(403, "this task belongs to another emitter key")
+    if seen is not None:
+        if seen.body_hash != event.body_hash:
+            raise LedgerError(409, "an event with this source and id but another body exists")
+        if task is None:  # e.g. a refused heartbeat's key reused: nothing to show
+            raise LedgerError(409, "event already seen")
+        return EventResult(task=task, duplicate=True)
+
+    result: EventResult
+    if event.type == "task.started":
+        result = _start(session, key, event, task, profiles, installation_id, retention_days, now)
+    elif event.type == "task.heartbeat":
+        result = _heartbeat(session, key, event, task, now)
+    else:
+        state, reason = TERMINAL_EVENTS[event.type]
+        if task is None:
+            task = Task(
+                tenant=tenant,
+                name=event.subject,
+                owner_key_id=key.id,
+                source=event.source,
+                state=state,
+                ended_at=now,
+                created_at=now,
+            )
+            session.add(task)
+            audit(session, "task_ended", actor=key.name, tenant=tenant, task_id=task.id,
+                  reason=reason, detail="terminal event before start", now=now)
+            result = EventResult(task=task, duplicate=False)
+        else:
+            revoke = end_task(session, task, state, reason, actor=key.name, now=now)
+            result = EventResult(task=task, duplicate=False, to_revoke=revoke)
+
+    session.add(
+        Event(
+            tenant=tenant,
+            source=event.source,
+            event_id=event.id,
+            type=event.type,
+            subject=event.subject,
+            body_hash=event.body_hash,
+            key_id=key.id,
+            time=event.time,
+            received_at=now,
+            data=event.data,
+        )
+    )
+    return result
+
+
+def _start(
+    session: Session,
+    key: ApiKey,
+    event: EventIn,
+    task: Task | None,
+    profiles: dict[str, Profile],
+    installation_id: str,
+    retention_days: int,
+    now: datetime,
+) -> EventResult:
+    data = event.data or {}
+    if event.time is not None and event.time < now - timedelta(days=retention_days):
+        raise LedgerError(422, f"event time is older than the retention of {retention_days} days")
+    if task is not None:  # a repeat start, or a start after the end: mints nothing
+        return EventResult(task=task, duplicate=False)
+    tenant = key.tenant or ""
+    grants: list[dict[str, str]] = data["grants"]
+    chosen = [profiles[g["profile"]] for g in grants]
+    started = min(event.time or now, now)
+    deadline = started + timedelta(seconds=int(data["max_duration"]))
+    parent = _parent_for(session, key, data.get("parent"))
+    held: set[str] = set()
+    if parent is not None:
+        deadline = min(deadline, parent.deadline or deadline)
+        held = {
+            c.profile
+            for c in task_credentials(session, parent.id)
+            if c.state in (CredState.pending, CredState.active)
+        }
+    task = Task(
+        tenant=tenant,
+        name=event.subject,
+        owner_key_id=key.id,
+        source=event.source,
+        workload=data.get("workload"),
+        parent_id=parent.id if parent else None,
+        depth=parent.depth + 1 if parent else 0,
+        state=TaskState.running,
+        max_ttl=min(p.max_ttl for p in chosen),
+        started_at=started,
+        deadline=deadline,
+        created_at=now,
+    )
+    session.add(task)
+    session.flush()  # the task row first: credentials reference it
+    audit(session, "task_started", actor=key.name, tenant=tenant, task_id=task.id, now=now)
+    result = EventResult(task=task, duplicate=False)
+    for grant, profile in zip(grants, chosen, strict=True):
+        state = CredState.pending
+        if parent is not None and not (
+            profile.name in held or (profile.narrows is not None and profile.narrows in held)
+        ):
+            state = CredState.denied
+        elif profile.approval:
+            state = CredState.awaiting_approval
+        cred = Credential(
+            tenant=tenant,
+            task_id=task.id,
+            grant=grant["name"],
+            profile=profile.name,
+            issuer=profile.issuer,
+            state=state,
+            backend_name="",
+            expires_at=min(deadline, started + timedelta(seconds=profile.max_ttl)),
+            created_at=now,
+            updated_at=now,
+        )
+        cred.backend_name = backend_name(installation_id, cred.id)
+        session.add(cred)
+        if state == CredState.pending:
+            result.to_mint.append(cred.id)
+        elif state == CredState.denied:
+            audit(session, "denied", actor=key.name, tenant=tenant, task_id=task.id,
+                  credential_id=cred.id, detail="parent does not hold this profile", now=now)
+    return result
+
+
+def _parent_for(session: Session, key: ApiKey, parent_name: str | None) -> Task | None:
+    if parent_name is None:
+        return None
+    parent = find_task(session, key.tenant or "", parent_name, lock=True)
+    if parent is None or parent.owner_key_id != key.id:
+        raise LedgerError(422, f"parent task {parent_name!r} is unknown", parent=parent_name)
+    if parent.state != TaskState.running:
+        raise LedgerError(422, f"parent task {parent_name!r} has ended", parent=parent_name)
+    if parent.depth + 1 >= MAX_DEPTH:
+        raise LedgerError(422, f"parent task {parent_name!r} is at the depth limit of {MAX_DEPTH}")
+    children = session.exec(
+        select(func.count()).select_from(Task).where(Task.parent_id == parent.id)
+    ).one()
+    if children >= MAX_CHILDREN:
+        raise LedgerError(422, f"parent task {parent_name!r} has {MAX_CHILDREN} children already")
+    return parent
+
+
+def _heartbeat(
+    session: Session, key: ApiKey, event: EventIn, task: Task | None, now: datetime
+) -> EventResult:
+    if task is None:
+        raise LedgerError(404, f"no task {event.subject!r}")
+    result = EventResult(task=task, duplicate=False)
+    max_duration = (event.data or {}).get("max_duration")
+    if task.state != TaskState.running or max_duration is None or task.started_at is None:
+        return result
+    if task.max_ttl is not None and max_duration > task.max_ttl:
+        raise LedgerError(
+            422, f"max_duration {max_duration} passes the profiles' max_ttl of {task.max_ttl}"
+        )
+    deadline = task.started_at + timedelta(seconds=int(max_duration))
+    if task.parent_id is not None:
+        parent = session.get(Task, task.parent_id)
+        if parent is not None and parent.deadline is not None:
+            deadline = min(deadline, parent.deadline)
+    if task.deadline is not None and deadline <= task.deadline:
+        return result  # a deadline only moves forward
+    moved = session.execute(
+        update(Task)
+        .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
+        .values(deadline=deadline)
+    ).rowcount
+    if moved:
+        task.deadline = deadline
+        ids = session.execute(
+            update(Credential)
+            .where(
+                col(Credential.task_id) == task.id,
+                col(Credential.state).in_(LIVE_CRED_STATES),
+            )
+            .values(expires_at=deadline, updated_at=now)
+            .returning(Credential.id, Credential.state)
+        ).all()
+        result.to_extend = [i for i, state in ids if state == CredState.active]
+        audit(session, "deadline_extended", actor=key.name, tenant=task.tenant, task_id=task.id,
+              detail=deadline.isoformat(), now=now)
+    return result
+
+
+def end_task(
+    session: Session,
+    task: Task,
+    state: TaskState,
+    reason: str,
+    *,
+    actor: str,
+    now: datetime,
+) -> list[str]:
+    """Running -> ended (CAS); its credentials and its children's go to revoking."""
+    ended = session.execute(
+        update(Task)
+        .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
+        .values(state=state, ended_at=now)
+    ).rowcount
+    if not ended:
+        return []
+    task.state, task.ended_at = state, now
+    audit(session, "task_ended", actor=actor, tenant=task.tenant, task_id=task.id,
+          reason=reason, now=now)
+    revoke = request_revoke(session, task_id=task.id, reason=reason, actor=actor, now=now)
+    children = session.exec(
+        select(Task).where(Task.parent_id == task.id, Task.state == TaskState.running)
+    ).all()
+    for child in children:
+        revoke += end_task(
+            session, child, TaskState.cancelled, "parent_ended", actor=actor, now=now
+        )
+    return revoke
+
+
+def request_revoke(
+    session: Session,
+    *,
+    reason: str,
+    actor: str,
+    now: datetime,
+    task_id: str | None = None,
+    credential_id: str | None = None,
+) -> list[str]:
+    """Live credentials (of a task, or one) -> revoking; returns their ids."""
+    query = update(Credential).where(col(Credential.state).in_(LIVE_CRED_STATES))
+    if task_id is not None:
+        query = query.where(col(Credential.task_id) == task_id)
+    if credential_id is not None:
+        query = query.where(col(Credential.id) == credential_id)
+    rows = session.execute(
+        query.values(
+            state=CredState.revoking,
+            revoke_reason=reason,
+            revoke_requested_at=now,
+            updated_at=now,
+        ).returning(Credential.id, Credential.tenant, Credential.task_id)
+    ).all()
+    for cred_id, tenant, task_pk in rows:
+        audit(session, "revoke_requested", actor=actor, tenant=tenant, task_id=task_pk,
+              credential_id=cred_id, reason=reason, now=now)
+    return [r[0] for r in rows]
+
+
+# --- deadlines -----------------------------------------------------------
+
+
+def time_out_due(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
+    """End running tasks past their deadline (indexed on state, deadline)."""
+    query = (
+        select(Task)
+        .where(Task.state == TaskState.running, col(Task.deadline) <= now)
+        .order_by(col(Task.deadline))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    revoke: list[str] = []
+    for task in session.exec(query).all():
+        revoke += end_task(session, task, TaskState.timed_out, "timeout", actor="system", now=now)
+    return revoke
+
+
+# --- minting -------------------------------------------------------------
+
+
+def activate(
+    session: Session,
+    cred_id: str,
+    *,
+    ref: str,
+    sealed_secret: str,
+    expires_at: datetime,
+    now: datetime,
+) -> bool:
+    """Pending -> active; False when the task ended meanwhile (the caller revokes)."""
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
+        .values(
+            state=CredState.active,
+            backend_ref=ref,
+            sealed_secret=sealed_secret,
+            expires_at=expires_at,
+            minted_at=now,
+            updated_at=now,
+        )
+    ).rowcount
+    if done:
+        cred = session.get(Credential, cred_id)
+        assert cred is not None
+        audit(session, "minted", actor="system", tenant=cred.tenant, task_id=cred.task_id,
+              credential_id=cred_id, now=now)
+    else:  # keep the ref so the revoke knows what to remove
+        session.execute(
+            update(Credential)
+            .where(col(Credential.id) == cred_id, col(Credential.backend_ref).is_(None))
+            .values(backend_ref=ref, updated_at=now)
+        )
+    return bool(done)
+
+
+def mark_mint_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
+        .values(state=CredState.failed, last_error=error[:2000], updated_at=now)
+    ).rowcount
+    if done:
+        cred = session.get(Credential, cred_id)
+        assert cred is not None
+        audit(session, "mint_failed", actor="system", tenant=cred.tenant, task_id=cred.task_id,
+              credential_id=cred_id, detail=error[:500], now=now)
+    return bool(done)
+
+
+# --- revoking ------------------------------------------------------------
+
+
+def revoke_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> int:
+    """Count a failed attempt; returns the attempts so far."""
+    session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
+        .values(attempts=Credential.attempts + 1, last_error=error[:2000], updated_at=now)
+    )
+    cred = session.get(Credential, cred_id)
+    return cred.attempts if cred else 0
+
+
+def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
+    """Revoking -> revoked, the secret destroyed; None if it was not revoking."""
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
+        .values(
+            state=CredState.revoked,
+            revoked_at=now,
+            sealed_secret=None,
+            last_error=None,
+            updated_at=now,
+        )
+    ).rowcount
+    if not done:
+        return None
+    cred = session.get(Credential, cred_id)
+    assert cred is not None
+    audit(session, "revoked", actor="system", tenant=cred.tenant, task_id=cred.task_id,
+          credential_id=cred_id, reason=cred.revoke_reason, now=now)
+    return cred
+
+
+# --- claiming ------------------------------------------------------------
+
+
+def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime) -> str | None:
+    """Consume the sealed secret once; None when someone else claimed it first."""
+    sealed = cred.sealed_secret
+    if sealed is None:
+        return None
+    done = session.execute(
+        update(Credential)
+        .where(
+            col(Credential.id) == cred.id,
+            col(Credential.state) == CredState.active,
+            col(Credential.claimed_at).is_(None),
+        )
+        .values(claimed_at=now, sealed_secret=None, updated_at=now)
+    ).rowcount
+    if not done:
+        return None
+    audit(session, "claimed", actor=actor, tenant=cred.tenant, task_id=cred.task_id,
+          credential_id=cred.id, now=now)
+    return sealed
+
+
+def record_second_claim(session: Session, cred: Credential, *, actor: str, now: datetime) -> None:
+    audit(session, "second_claim", actor=actor, tenant=cred.tenant, task_id=cred.task_id,
+          credential_id=cred.id, detail="claim of an already claimed credential", now=now)
+
+
+# --- re-drive --------------------------------------------------------------
+
+
+def stuck_credentials(
+    session: Session, *, older_than: datetime, limit: int = 500
+) -> tuple[list[str], list[str]]:
+    """(pending, revoking) credential ids untouched since `older_than`."""
+    rows = session.exec(
+        select(Credential.id, Credential.state)
+        .where(
+            or_(
+                col(Credential.state) == CredState.pending,
+                col(Credential.state) == CredState.revoking,
+            ),
+            col(Credential.updated_at) < older_than,
+        )
+        .limit(limit)
+    ).all()
+    pending = [i for i, s in rows if s == CredState.pending]
+    revoking = [i for i, s in rows if s == CredState.revoking]
+    return pending, revoking
+
+
+def touch(session: Session, cred_ids: list[str], *, now: datetime) -> None:
+    if cred_ids:
+        session.execute(
+            update(Credential).where(col(Credential.id).in_(cred_ids)).values(updated_at=now)
+        )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A safe one-line description for last_error (issuers' messages are secret-free)."""
+    return json.dumps({"type": type(exc).__name__, "message": str(exc)[:500]})

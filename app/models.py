@@ -1,0 +1,203 @@
+"""The ledger's tables. State changes go through app.ledger only."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on PostgreSQL and SQLite alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """Time-ordered id: newest-first lists sort and page by it."""
+    return f"{time.time_ns():016x}{os.urandom(6).hex()}"
+
+
+def _ts(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable))
+
+
+class TaskState(StrEnum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    timed_out = "timed_out"
+
+
+class CredState(StrEnum):
+    pending = "pending"
+    awaiting_approval = "awaiting_approval"
+    active = "active"
+    revoking = "revoking"
+    revoked = "revoked"
+    denied = "denied"
+    failed = "failed"
+
+
+LIVE_CRED_STATES = (CredState.pending, CredState.awaiting_approval, CredState.active)
+
+
+class Role(StrEnum):
+    emitter = "emitter"
+    operator = "operator"
+    admin = "admin"
+
+
+class Installation(SQLModel, table=True):
+    __tablename__ = "installation"
+
+    id: str = Field(primary_key=True, max_length=64)
+    label: str = Field(max_length=128)
+    created_at: datetime = _ts(nullable=False)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(max_length=128, unique=True)
+    role: str = Field(max_length=16)
+    tenant: str | None = Field(default=None, max_length=128)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts(nullable=False)
+    revoked_at: datetime | None = _ts()
+
+
+class Task(SQLModel, table=True):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("tenant", "name", name="uq_tasks_tenant_name"),
+        # The deadline sweep reads only running tasks due now.
+        Index("ix_tasks_state_deadline", "state", "deadline"),
+        Index("ix_tasks_parent", "parent_id"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str = Field(max_length=128)
+    name: str = Field(max_length=256)
+    owner_key_id: str = Field(max_length=32)
+    source: str = Field(max_length=512)
+    workload: str | None = Field(default=None, max_length=512)
+    parent_id: str | None = Field(default=None, max_length=32)
+    depth: int = 0
+    state: str = Field(max_length=16)
+    max_ttl: int | None = None  # smallest max_ttl of its grants' profiles
+    started_at: datetime | None = _ts()
+    deadline: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    created_at: datetime = _ts(nullable=False)
+
+
+class Credential(SQLModel, table=True):
+    __tablename__ = "credentials"
+    __table_args__ = (
+        UniqueConstraint("task_id", "grant", "generation", name="uq_credentials_grant"),
+        # Re-drive and the dashboard read by state; the rest by task.
+        Index("ix_credentials_state_updated", "state", "updated_at"),
+        Index("ix_credentials_task", "task_id"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str = Field(max_length=128)
+    task_id: str = Field(foreign_key="tasks.id", max_length=32)
+    grant: str = Field(max_length=64)
+    generation: int = 0  # a rotation makes the next generation
+    profile: str = Field(max_length=64)
+    issuer: str = Field(max_length=16)
+    state: str = Field(max_length=20)
+    backend_name: str = Field(max_length=63)  # recorded before the mint
+    backend_ref: str | None = Field(default=None, max_length=128)
+    expires_at: datetime | None = _ts()
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+    minted_at: datetime | None = _ts()
+    claimed_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
+    revoke_reason: str | None = Field(default=None, max_length=16)
+    revoke_requested_at: datetime | None = _ts()
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    sealed_secret: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("tenant", "source", "event_id", name="uq_events_key"),
+        Index("ix_events_received", "received_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str = Field(max_length=128)
+    source: str = Field(max_length=512)
+    event_id: str = Field(max_length=256)
+    type: str = Field(max_length=32)
+    subject: str = Field(max_length=256)
+    body_hash: str = Field(max_length=64)
+    key_id: str = Field(max_length=32)
+    time: datetime | None = _ts()
+    received_at: datetime = _ts(nullable=False)
+    data: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit"
+    __table_args__ = (
+        Index("ix_audit_task", "task_id"),
+        Index("ix_audit_credential", "credential_id"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    at: datetime = _ts(nullable=False)
+    tenant: str | None = Field(default=None, max_length=128)
+    actor: str = Field(max_length=128)  # key name, or "system"
+    action: str = Field(max_length=32)
+    task_id: str | None = Field(default=None, max_length=32)
+    credential_id: str | None = Field(default=None, max_length=32)
+    reason: str | None = Field(default=None, max_length=32)
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Sweep(SQLModel, table=True):
+    """One reconciliation run: what it checked, found and did."""
+
+    __tablename__ = "sweeps"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    started_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = _ts()
+    checked: int = 0
+    orphans_revoked: int = 0
+    vanished: int = 0
+    rerevoked: int = 0
+    redriven: int = 0
+    errors: int = 0
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

@@ -1,0 +1,105 @@
+"""Credential change notifications, so long-polling claims wait on a message.
+
+Workers publish a credential id (never a secret) on a Redis channel; the API
+process keeps one subscription and wakes the waiters of that id. Without
+Redis (the embedded broker) waiters fall back to a short asyncio sleep, which
+still holds no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import redis
+import redis.asyncio as aioredis
+
+from app.settings import get_settings
+
+logger = logging.getLogger(__name__)
+_clients: dict[int, redis.Redis] = {}
+
+
+def _channel() -> str:
+    return f"{get_settings().broker_key_prefix}leasehold:credentials"
+
+
+def _redis_url() -> str | None:
+    url = get_settings().broker_url
+    return url if url and url.startswith(("redis://", "rediss://")) else None
+
+
+def credential_changed(credential_id: str) -> None:
+    url = _redis_url()
+    if url is None:
+        return
+    client = _clients.get(os.getpid())
+    if client is None:
+        timeout = get_settings().backend_timeout
+        client = _clients[os.getpid()] = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+    try:
+        client.publish(_channel(), credential_id)
+    except redis.RedisError as exc:  # a waiter then finds out by its periodic check
+        logger.warning("notify failed: %s", type(exc).__name__)
+
+
+class Waiters:
+    """One subscription per API process; futures per credential id."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        url = _redis_url()
+        if url is not None and self._task is None:
+            self._task = asyncio.create_task(self._listen(url))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _listen(self, url: str) -> None:
+        while True:
+            try:
+                client = aioredis.Redis.from_url(url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(_channel())
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._wake(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect; waiters still poll meanwhile
+                logger.warning("notification listener: %s", type(exc).__name__)
+                await asyncio.sleep(1)
+
+    def _wake(self, credential_id: str) -> None:
+        for event in self._events.get(credential_id, ()):
+            event.set()
+
+    async def wait(self, credential_id: str, timeout: float) -> None:
+        """Return when the credential may have changed, or after `timeout`."""
+        event = asyncio.Event()
+        self._events.setdefault(credential_id, set()).add(event)
+        try:
+            # A missed message costs at most one check interval.
+            limit = min(timeout, 1.0 if self._task is not None else 0.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), limit)
+        finally:
+            waiters = self._events.get(credential_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._events[credential_id]
+
+
+waiters = Waiters()

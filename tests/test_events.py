@@ -1,0 +1,304 @@
+"""Event semantics and access rules of the API (PRODUCT.md, 'Events in')."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlmodel import func, select
+
+from app.db import session_scope
+from app.models import Credential, Event, Task
+from tests.conftest import wait_until
+from tests.helpers import auth, claim_url, event, started, states, task_path, unique
+
+
+def post(client: Any, key: str, body: Any, **kw: Any) -> Any:
+    return client.post("/v1/events", json=body, headers=auth(key), **kw)
+
+
+def counts() -> tuple[int, int, int]:
+    with session_scope() as s:
+        return (
+            s.exec(select(func.count()).select_from(Event)).one(),
+            s.exec(select(func.count()).select_from(Task)).one(),
+            s.exec(select(func.count()).select_from(Credential)).one(),
+        )
+
+
+def test_duplicate_event_has_one_effect(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("dup")
+    body = started(name, {"kv": "kv-reader"})
+    first = post(app_client, keys["emitter"], body)
+    again = post(app_client, keys["emitter"], body)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["duplicate"] is True
+    assert again.json()["claim_token"] == first.json()["claim_token"]
+    # A new event id for the same task answers the same token and mints nothing more.
+    later = post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"}))
+    assert later.status_code == 202 and later.json()["claim_token"] == first.json()["claim_token"]
+    assert len(states("t1", name)) == 1
+    # Same idempotency key, another body: 409.
+    changed = dict(body, data={**body["data"], "max_duration": 30})
+    assert post(app_client, keys["emitter"], changed).status_code == 409
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_terminal_before_start_mints_nothing(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("early-end")
+    ended = post(app_client, keys["emitter"], event("cancelled", name))
+    assert ended.status_code == 202
+    assert ended.json()["task"]["state"] == "cancelled"
+    late = post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"}))
+    assert late.status_code == 202
+    assert late.json()["task"]["state"] == "cancelled"
+    assert states("t1", name) == {}
+    task = app_client.get(f"/v1/tasks/{task_path(name)}", headers=auth(keys["emitter"])).json()
+    assert task["started_at"] is None and task["deadline"] is None
+    # The first terminal event wins.
+    again = post(app_client, keys["emitter"], event("succeeded", name))
+    assert again.json()["task"]["state"] == "cancelled"
+
+
+def test_another_keys_event_is_forbidden(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("owned")
+    assert post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"})).status_code == 202
+    assert post(app_client, keys["emitter-b"], event("succeeded", name)).status_code == 403
+    assert (
+        post(app_client, keys["emitter-b"], started(name, {"kv": "kv-reader"})).status_code == 403
+    )
+    # Another tenant's key sees no such task (its own namespace).
+    other = post(app_client, keys["emitter-t2"], event("heartbeat", name))
+    assert other.status_code == 404
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_claim_rules(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("claims")
+    token = post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"})).json()[
+        "claim_token"
+    ]
+    # Wrong tokens answer 403 whether or not the task exists.
+    assert app_client.post(claim_url(name, "kv"), headers=auth("lhc.bogus.sig")).status_code == 403
+    assert app_client.post(claim_url("no-such", "kv"), headers=auth("nope")).status_code == 403
+    assert app_client.post(claim_url("no-such", "kv"), headers=auth(token)).status_code == 403
+    assert app_client.post(claim_url(name, "kv")).status_code == 403
+    assert app_client.post(claim_url(name, "nope"), headers=auth(token)).status_code == 404
+    first = app_client.post(claim_url(name, "kv", wait=15), headers=auth(token))
+    assert first.status_code == 200 and first.json()["secret"]["token"]
+    assert first.headers["cache-control"] == "no-store"
+    second = app_client.post(claim_url(name, "kv"), headers=auth(token))
+    assert second.status_code == 410 and second.json()["state"] == "claimed"
+    with session_scope() as s:
+        from app.models import AuditEntry
+
+        actions = s.exec(select(AuditEntry.action).where(AuditEntry.action == "second_claim"))
+        assert list(actions)
+    post(app_client, keys["emitter"], event("succeeded", name))
+    gone = app_client.post(claim_url(name, "kv"), headers=auth(token))
+    assert gone.status_code == 410 and gone.json()["state"] == "succeeded"
+
+
+def test_claim_while_pending_answers_409_with_retry_after(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    name = unique("pending")
+    token = post(app_client, keys["emitter"], started(name, {"db": "reports-readonly"})).json()[
+        "claim_token"
+    ]
+    early = app_client.post(claim_url(name, "db"), headers=auth(token))
+    if early.status_code == 409:  # the worker may already have minted it
+        assert early.json()["state"] == "pending" and early.headers["retry-after"]
+    waited = app_client.post(claim_url(name, "db", wait=15), headers=auth(token))
+    assert waited.status_code == 200
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_roles_and_tenants(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("roles")
+    post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"}))
+    path = f"/v1/tasks/{task_path(name)}"
+    assert app_client.get(path).status_code == 401
+    assert app_client.get(path, headers=auth("lhk_unknown")).status_code == 401
+    assert app_client.get(path, headers=auth(keys["emitter"])).status_code == 200
+    assert app_client.get(path, headers=auth(keys["operator"])).status_code == 200
+    assert app_client.get(path, headers=auth(keys["operator-t2"])).status_code == 404
+    assert app_client.get("/v1/credentials", headers=auth(keys["emitter"])).status_code == 403
+    assert post(app_client, keys["operator"], event("succeeded", name)).status_code == 403
+    listed = app_client.get(
+        f"/v1/credentials?task={task_path(name)}", headers=auth(keys["operator"])
+    ).json()
+    assert [c["grant"] for c in listed["items"]] == ["kv"]
+    assert (
+        app_client.get(
+            f"/v1/credentials?task={task_path(name)}", headers=auth(keys["operator-t2"])
+        ).json()["items"]
+        == []
+    )
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_manual_revoke(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("manual")
+    post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"}))
+    wait_until(lambda: states("t1", name) == {"kv": "active"})
+    cred_id = app_client.get(f"/v1/tasks/{task_path(name)}", headers=auth(keys["operator"])).json()[
+        "credentials"
+    ][0]["id"]
+    path = f"/v1/credentials/{cred_id}/revoke"
+    assert app_client.post(path, headers=auth(keys["emitter"])).status_code == 403
+    assert app_client.post(path, headers=auth(keys["operator-t2"])).status_code == 404
+    assert app_client.post(path, headers=auth(keys["operator"])).status_code == 202
+    wait_until(lambda: states("t1", name) == {"kv": "revoked"})
+    again = app_client.post(path, headers=auth(keys["operator"]))
+    assert again.status_code == 409 and again.json()["state"] == "revoked"
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_task_ids_with_slashes_and_pages(app_client: Any, keys: dict[str, str]) -> None:
+    names = [unique("page/a"), unique("page/b"), unique("page/c")]
+    for n in names:
+        post(app_client, keys["emitter"], started(n, {"kv": "kv-reader"}))
+    got = app_client.get(f"/v1/tasks/{task_path(names[0])}", headers=auth(keys["emitter"]))
+    assert got.status_code == 200 and got.json()["id"] == names[0]
+    first = app_client.get("/v1/tasks?limit=2&state=running", headers=auth(keys["operator"])).json()
+    assert len(first["items"]) == 2 and first["next"]
+    rest = app_client.get(
+        f"/v1/tasks?limit=2&state=running&cursor={first['next']}", headers=auth(keys["operator"])
+    ).json()
+    ids = [t["id"] for t in first["items"]] + [t["id"] for t in rest["items"]]
+    assert ids[:3] == list(reversed(names)) or set(names) <= set(ids)
+    assert len(set(ids)) == len(ids)
+    for n in names:
+        post(app_client, keys["emitter"], event("succeeded", n))
+
+
+def test_heartbeat_rules(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("beat")
+    assert post(app_client, keys["emitter"], event("heartbeat", name)).status_code == 404
+    start = post(app_client, keys["emitter"], started(name, {"kv": "kv-reader"}, 60)).json()
+    later = post(app_client, keys["emitter"], event("heartbeat", name, {"max_duration": 120}))
+    assert later.status_code == 202
+    assert later.json()["task"]["deadline"] > start["task"]["deadline"]
+    shorter = post(app_client, keys["emitter"], event("heartbeat", name, {"max_duration": 30}))
+    assert shorter.json()["task"]["deadline"] == later.json()["task"]["deadline"]
+    too_long = post(app_client, keys["emitter"], event("heartbeat", name, {"max_duration": 901}))
+    assert too_long.status_code == 422 and "max_ttl" in too_long.json()["error"]
+    post(app_client, keys["emitter"], event("succeeded", name))
+
+
+def test_child_tasks(app_client: Any, keys: dict[str, str]) -> None:
+    parent = unique("parent")
+    child = unique("child")
+    orphan = post(
+        app_client, keys["emitter"], started(child, {"kv": "kv-reader"}, parent="no-such-parent")
+    )
+    assert orphan.status_code == 422 and "no-such-parent" in orphan.json()["error"]
+    post(app_client, keys["emitter"], started(parent, {"kv": "kv-reader"}, 30))
+    kid = post(
+        app_client,
+        keys["emitter"],
+        started(child, {"kv": "kv-reader", "db": "reports-readonly"}, 600, parent=parent),
+    )
+    assert kid.status_code == 202
+    parent_view = app_client.get(
+        f"/v1/tasks/{task_path(parent)}", headers=auth(keys["emitter"])
+    ).json()
+    assert kid.json()["task"]["deadline"] == parent_view["deadline"]  # capped by the parent
+    wait_until(lambda: states("t1", child) == {"kv": "active", "db": "denied"})
+    post(app_client, keys["emitter"], event("succeeded", parent))
+    wait_until(lambda: states("t1", child) == {"kv": "revoked", "db": "denied"})
+    view = app_client.get(f"/v1/tasks/{task_path(child)}", headers=auth(keys["emitter"])).json()
+    assert view["state"] == "cancelled" and view["parent"] == parent
+    assert {c["revoke_reason"] for c in view["credentials"]} == {"parent_ended", None}
+    ended = post(
+        app_client, keys["emitter"], started(unique("late"), {"kv": "kv-reader"}, parent=parent)
+    )
+    assert ended.status_code == 422 and "ended" in ended.json()["error"]
+
+
+def _old_time() -> str:
+    return (datetime.now(UTC) - timedelta(days=31)).isoformat()
+
+
+MALFORMED: list[tuple[str, Any, int, str]] = [
+    ("not json", b"{nope", 400, "JSON"),
+    ("not an object", [1, 2], 400, "object"),
+    (
+        "missing subject",
+        {"specversion": "1.0", "id": "x", "source": "s", "type": "task.started"},
+        400,
+        "subject",
+    ),
+    ("unknown type", event("exploded", "t"), 400, "type"),
+    ("bad specversion", dict(event("succeeded", "t"), specversion="0.3"), 400, "specversion"),
+    ("no data", event("started", "t"), 400, "data"),
+    ("unknown profile", started("t", {"db": "nope"}), 422, "nope"),
+    ("retired profile", started("t", {"db": "old"}), 422, "retired"),
+    ("profile of another tenant", started("t", {"db": "other-tenant-only"}), 422, "tenant"),
+    ("zero duration", started("t", {"db": "kv-reader"}, 0), 400, "max_duration"),
+    ("fractional duration", started("t", {"db": "kv-reader"}, 1.5), 400, "max_duration"),
+    ("duration over max_ttl", started("t", {"db": "kv-reader"}, 901), 422, "max_ttl"),
+    ("too many grants", started("t", {f"g{i}": "kv-reader" for i in range(17)}), 400, "grants"),
+    ("no grants", started("t", {}), 400, "grants"),
+    ("bad grant name", started("t", {"bad name!": "kv-reader"}), 400, "name"),
+    (
+        "sql in data",
+        dict(
+            started("t", {"db": "kv-reader"}),
+            data={
+                "max_duration": 5,
+                "grants": [{"name": "db", "profile": "kv-reader"}],
+                "sql": "DROP TABLE x",
+            },
+        ),
+        400,
+        "sql",
+    ),
+    ("too old", dict(started("t", {"db": "kv-reader"}), time=_old_time()), 422, "retention"),
+    (
+        "naive time",
+        dict(started("t", {"db": "kv-reader"}), time="2026-01-01T00:00:00"),
+        400,
+        "time",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "body", "status", "word"), MALFORMED, ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_events_store_nothing(
+    app_client: Any, keys: dict[str, str], label: str, body: Any, status: int, word: str
+) -> None:
+    before = counts()
+    if isinstance(body, bytes):
+        answer = app_client.post(
+            "/v1/events",
+            content=body,
+            headers={**auth(keys["emitter"]), "Content-Type": "application/json"},
+        )
+    else:
+        answer = post(app_client, keys["emitter"], body)
+    assert answer.status_code == status, answer.text
+    assert word.lower() in answer.json()["error"].lower()
+    assert counts() == before
+
+
+def test_body_limits_and_content_type(app_client: Any, keys: dict[str, str]) -> None:
+    before = counts()
+    big = started("t", {"db": "kv-reader"}, workload="x" * 100)
+    big["padding"] = "x" * 70_000
+    assert post(app_client, keys["emitter"], big).status_code == 413
+    wrong = app_client.post(
+        "/v1/events", content=b"{}", headers={**auth(keys["emitter"]), "Content-Type": "text/plain"}
+    )
+    assert wrong.status_code == 415
+    ce = app_client.post(
+        "/v1/events",
+        content=b'{"specversion":"1.0"}',
+        headers={**auth(keys["emitter"]), "Content-Type": "application/cloudevents+json"},
+    )
+    assert ce.status_code == 400
+    assert counts() == before

@@ -1,0 +1,394 @@
+"""PostgresIssuer against the real server at 127.0.0.1:5432 (user postgres, trust).
+
+Each run makes its own database and installation id and drops both afterwards.
+Password logins need a scram-sha-256 pg_hba line for lh_ roles ahead of the
+trust lines: run `.ci/pg-setup.sh` (as root) once per machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
+from app.issuers.postgres import PostgresIssuer, credential_dsn, scram_sha256_verifier
+from app.profiles import PostgresProfile
+from app.settings import Settings
+
+SERVER = "postgresql://postgres@127.0.0.1:5432"
+# On PostgreSQL < 16 pg_hba has no regex user names; .ci/pg-setup.sh adds a
+# `+leasehold_scram_login` line instead, and each group role joins that role.
+HBA_ROLE = "leasehold_scram_login"
+SETUP_HINT = "run `sudo .ci/pg-setup.sh` to make lh_ roles log in with scram-sha-256"
+
+
+# Every installation id this run used: their roles are dropped at the end.
+INSTALLATIONS: list[str] = []
+
+
+def admin(dbname: str = "postgres") -> psycopg.Connection:
+    return psycopg.connect(f"{SERVER}/{dbname}", autocommit=True)
+
+
+def new_installation(installation_id: str | None = None) -> str:
+    installation_id = installation_id or secrets.token_hex(8)
+    INSTALLATIONS.append(installation_id)
+    return installation_id
+
+
+@pytest.fixture(scope="module")
+def installation_id() -> str:
+    return new_installation()
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    name = f"lh_issuer_{secrets.token_hex(4)}"
+    with admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with admin(name) as conn:
+            conn.execute("CREATE TABLE granted (x int); INSERT INTO granted VALUES (42)")
+            conn.execute("CREATE TABLE withheld (x int); INSERT INTO withheld VALUES (7)")
+            # Only the profile's grants let a credential in.
+            conn.execute(
+                sql.SQL("REVOKE CONNECT, TEMP ON DATABASE {} FROM PUBLIC").format(
+                    sql.Identifier(name)
+                )
+            )
+        yield name
+    finally:
+        with admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            for installation in INSTALLATIONS:
+                roles = conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)",
+                    (f"lh_{installation[:12]}_",),
+                ).fetchall()
+                for (role,) in roles:
+                    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def make_profile(database: str, *extra_grants: str, name: str = "reports") -> PostgresProfile:
+    db = sql.Identifier(database).as_string()
+    return PostgresProfile(
+        name=name,
+        issuer="postgres",
+        dsn=f"{SERVER}/{database}",
+        grants=(
+            f"GRANT CONNECT ON DATABASE {db} TO {{role}}",
+            "GRANT USAGE ON SCHEMA public TO {role}",
+            "GRANT SELECT ON granted TO {role}",
+            *extra_grants,
+        ),
+        max_ttl=3600,
+    )
+
+
+def make_issuer(profile: PostgresProfile, installation_id: str) -> PostgresIssuer:
+    return PostgresIssuer(
+        profile, installation_id=installation_id, settings=Settings(backend_timeout=5.0)
+    )
+
+
+def allow_password_logins(issuer: PostgresIssuer) -> None:
+    """On PostgreSQL < 16, put the issuer's group under pg-setup's `+role` line."""
+    with admin() as conn:
+        version = conn.execute("SHOW server_version_num").fetchone()
+        if version is not None and int(version[0]) < 160000:
+            conn.execute(
+                sql.SQL("GRANT {} TO {}").format(
+                    sql.Identifier(HBA_ROLE), sql.Identifier(issuer.ensure_group())
+                )
+            )
+
+
+@pytest.fixture(scope="module")
+def hba() -> None:
+    """Fail (not skip) when password logins of lh_ roles are not enforced."""
+    with admin() as conn:
+        version = conn.execute("SHOW server_version_num").fetchone()
+        assert version is not None
+        wanted = "/^lh_" if int(version[0]) >= 160000 else f"+{HBA_ROLE}"
+        rules = conn.execute(
+            "SELECT user_name, auth_method FROM pg_hba_file_rules"
+            " WHERE type = 'host' AND error IS NULL ORDER BY line_number"
+        ).fetchall()
+        role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (HBA_ROLE,)).fetchone()
+    lines = [(users, method) for users, method in rules]
+    scram = next(
+        (i for i, (u, m) in enumerate(lines) if wanted in u and m == "scram-sha-256"), None
+    )
+    trust = next((i for i, (u, m) in enumerate(lines) if "all" in u and m == "trust"), len(lines))
+    if scram is None or scram > trust or (wanted.startswith("+") and role is None):
+        pytest.fail(f"pg_hba.conf: no scram-sha-256 line for {wanted} before trust; {SETUP_HINT}")
+
+
+@pytest.fixture(scope="module")
+def issuer(database: str, installation_id: str, hba: None) -> Iterator[PostgresIssuer]:
+    issuer = make_issuer(make_profile(database), installation_id)
+    allow_password_logins(issuer)
+    yield issuer
+    issuer.close()
+
+
+def request(issuer: PostgresIssuer, *, ttl: int = 300) -> MintRequest:
+    credential_id = secrets.token_hex(6)
+    return MintRequest(
+        credential_id=credential_id,
+        name=issuer.prefix + credential_id,
+        installation_id=issuer.installation_id,
+        tenant="acme",
+        task_id="report/try-1",
+        task_digest=secrets.token_hex(8),
+        expires_at=datetime.now(UTC) + timedelta(seconds=ttl),
+    )
+
+
+def login(dsn: str) -> psycopg.Connection:
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=3)
+
+
+def test_mint_logs_in_with_password_and_reads_only_granted(issuer: PostgresIssuer) -> None:
+    req = request(issuer)
+    minted = issuer.mint(req)
+    secret = minted.secret
+    assert minted.ref == req.name == secret["username"]
+    assert minted.expires_at == req.expires_at
+    assert secret["dsn"].startswith(f"postgresql://{req.name}:")
+    assert secret["dsn"].endswith(f"@127.0.0.1:5432/{issuer.profile.dsn.rsplit('/', 1)[1]}")
+
+    with login(secret["dsn"]) as conn:
+        assert conn.execute("SELECT current_user, x FROM granted").fetchall() == [(req.name, 42)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT x FROM withheld")
+
+    wrong = credential_dsn(issuer.profile.dsn, req.name, "not-the-password")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        login(wrong).close()
+
+    with admin() as conn:
+        row = conn.execute(
+            "SELECT rolvaliduntil, rolcanlogin, shobj_description(oid, 'pg_authid')"
+            " FROM pg_roles WHERE rolname = %s",
+            (req.name,),
+        ).fetchone()
+    assert row is not None
+    assert abs((row[0] - req.expires_at).total_seconds()) < 1
+    assert row[1] is True
+    assert row[2] == (
+        f"leasehold installation={issuer.installation_id} credential={req.credential_id}"
+    )
+    issuer.revoke(minted.ref)
+
+
+def test_revoke_cuts_open_session_and_refuses_new_login(issuer: PostgresIssuer) -> None:
+    minted = issuer.mint(request(issuer))
+    session = login(minted.secret["dsn"])
+    assert session.execute("SELECT x FROM granted").fetchone() == (42,)
+
+    issuer.revoke(minted.ref)
+
+    with pytest.raises(psycopg.OperationalError):
+        session.execute("SELECT x FROM granted")
+    session.close()
+    with pytest.raises(psycopg.OperationalError):
+        login(minted.secret["dsn"]).close()
+    assert not issuer.exists(minted.ref)
+    issuer.revoke(minted.ref)  # twice is fine
+    issuer.revoke(issuer.prefix + "never-minted")
+
+
+def test_retried_mint_replaces_the_role(issuer: PostgresIssuer) -> None:
+    req = request(issuer)
+    first = issuer.mint(req)
+    second = issuer.mint(req)
+    assert first.secret["password"] != second.secret["password"]
+    with pytest.raises(psycopg.OperationalError):
+        login(first.secret["dsn"]).close()
+    with login(second.secret["dsn"]) as conn:
+        assert conn.execute("SELECT x FROM granted").fetchone() == (42,)
+    issuer.revoke(second.ref)
+
+
+def test_refuses_roles_without_the_mark(issuer: PostgresIssuer) -> None:
+    for name in ("postgres", "lh_other_x", issuer.prefix, issuer.ensure_group()):
+        with pytest.raises(PermanentIssuerError):
+            issuer.revoke(name)
+    with pytest.raises(PermanentIssuerError):
+        issuer.mint(dataclasses.replace(request(issuer), name="reports_admin"))
+    with admin() as conn:
+        assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'postgres'").fetchone()
+
+
+def test_concurrent_mints_and_revokes(database: str, installation_id: str, hba: None) -> None:
+    # A fresh profile (so a fresh group) and one issuer per "process": the
+    # group set-up races too, not only the login roles.
+    profile = make_profile(database, "GRANT SELECT ON granted TO {role} -- concurrent")
+    issuers = [make_issuer(profile, installation_id) for _ in range(4)]
+    barrier = threading.Barrier(20)
+
+    def lifecycle(n: int) -> str:
+        issuer = issuers[n % len(issuers)]
+        barrier.wait()
+        minted = issuer.mint(request(issuer))
+        issuer.revoke(minted.ref)
+        return minted.ref
+
+    try:
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            futures = [pool.submit(lifecycle, n) for n in range(20)]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        assert errors == [], [str(e) for e in errors]
+        refs = [f.result() for f in futures]
+        assert len(set(refs)) == 20
+        assert not any(issuers[0].exists(ref) for ref in refs)
+    finally:
+        for issuer in issuers:
+            issuer.close()
+
+
+def test_list_marked_sees_own_roles_only(
+    issuer: PostgresIssuer, database: str, installation_id: str
+) -> None:
+    mine = issuer.mint(request(issuer))
+    # Another installation, and one that even shares our 12-character prefix.
+    others = [
+        make_issuer(make_profile(database, name="other"), new_installation()),
+        make_issuer(
+            make_profile(database, "GRANT SELECT ON granted TO {role} -- twin", name="twin"),
+            new_installation(installation_id[:12] + "ffff"),
+        ),
+    ]
+    try:
+        foreign = [other.mint(request(other)) for other in others]
+        marked = {m.ref: m for m in issuer.list_marked()}
+        assert mine.ref in marked
+        assert marked[mine.ref].credential_id == mine.ref.removeprefix(issuer.prefix)
+        assert marked[mine.ref].extra["login"] == "true"
+        assert issuer.ensure_group() not in marked
+        for minted in foreign:
+            assert minted.ref not in marked
+        assert foreign[1].ref in {m.ref for m in others[1].list_marked()}
+        assert issuer.exists(mine.ref)
+
+        issuer.revoke(mine.ref)
+        assert mine.ref not in {m.ref for m in issuer.list_marked()}
+        for other, minted in zip(others, foreign, strict=True):
+            other.revoke(minted.ref)
+    finally:
+        for other in others:
+            other.close()
+
+
+def test_extend_moves_valid_until_within_max_ttl(issuer: PostgresIssuer) -> None:
+    minted = issuer.mint(request(issuer, ttl=60))
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    issuer.extend(minted.ref, later)
+    too_late = datetime.now(UTC) + timedelta(days=2)
+    with admin() as conn:
+        query = "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s"
+        row = conn.execute(query, (minted.ref,)).fetchone()
+        assert row is not None and abs((row[0] - later).total_seconds()) < 1
+        issuer.extend(minted.ref, too_late)
+        row = conn.execute(query, (minted.ref,)).fetchone()
+    cap = datetime.now(UTC) + timedelta(seconds=issuer.profile.max_ttl)
+    assert row is not None and abs((row[0] - cap).total_seconds()) < 5
+    issuer.revoke(minted.ref)
+
+
+def test_check_warns_while_public_may_connect(issuer: PostgresIssuer, database: str) -> None:
+    assert not [w for w in issuer.check() if "PUBLIC" in w]
+    db = sql.Identifier(database)
+    with admin() as conn:
+        conn.execute(sql.SQL("GRANT CONNECT, TEMP ON DATABASE {} TO PUBLIC").format(db))
+        try:
+            warnings = issuer.check()
+        finally:
+            conn.execute(sql.SQL("REVOKE CONNECT, TEMP ON DATABASE {} FROM PUBLIC").format(db))
+    assert any("CONNECT to PUBLIC" in w for w in warnings)
+    assert any("TEMP to PUBLIC" in w for w in warnings)
+
+
+def test_password_only_ever_a_scram_verifier(issuer: PostgresIssuer) -> None:
+    req = request(issuer)
+    issuer.mint(req)
+    # A retried mint fails its first CREATE ROLE: the server logs that statement.
+    minted = issuer.mint(req)
+    password = minted.secret["password"]
+    with admin() as conn:
+        rows = conn.execute("SELECT rolname, rolpassword FROM pg_authid").fetchall()
+    stored = dict(rows)[minted.ref]
+    assert stored.startswith("SCRAM-SHA-256$4096:")
+    assert not [name for name, secret in rows if secret and password in secret]
+
+    logs = [p for p in glob.glob("/var/log/postgresql/postgresql-*.log") if os.access(p, os.R_OK)]
+    if logs:
+        text = "".join(Path(p).read_text(errors="replace") for p in logs)
+        assert f'role "{minted.ref}" already exists' in text  # the log is live
+        assert password not in text
+    issuer.revoke(minted.ref)
+
+
+def test_scram_verifier_format() -> None:
+    verifier = scram_sha256_verifier("pencil")
+    head, keys = verifier.rsplit("$", 1)
+    assert head.startswith("SCRAM-SHA-256$4096:")
+    assert len(keys.split(":")) == 2
+    assert verifier != scram_sha256_verifier("pencil")  # salted
+    assert "pencil" not in verifier
+
+
+def test_credential_dsn_keeps_the_address() -> None:
+    dsn = credential_dsn(
+        "postgresql+psycopg://admin:s3cret@db.example:5433/reports?sslmode=require&password=x",
+        "lh_abc_1",
+        "p@ss/word",
+    )
+    assert dsn == "postgresql://lh_abc_1:p%40ss%2Fword@db.example:5433/reports?sslmode=require"
+
+
+def test_unreachable_server_is_temporary_and_hides_password(installation_id: str) -> None:
+    profile = PostgresProfile(
+        name="down",
+        issuer="postgres",
+        dsn="postgresql://admin:hunter2-hidden@127.0.0.1:1/x",
+        grants=("GRANT CONNECT ON DATABASE x TO {role}",),
+        max_ttl=60,
+    )
+    issuer = PostgresIssuer(
+        profile, installation_id=installation_id, settings=Settings(backend_timeout=0.3)
+    )
+    with pytest.raises(TemporaryIssuerError) as caught:
+        issuer.exists("lh_x")
+    assert "hunter2-hidden" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    issuer.close()
+
+
+def test_bad_grant_is_permanent(database: str, installation_id: str) -> None:
+    profile = make_profile(database, "GRANT SELECT ON no_such_table TO {role}", name="bad")
+    issuer = make_issuer(profile, installation_id)
+    req = request(issuer)
+    digest = hashlib.sha256("\n".join((database, *profile.grants)).encode()).hexdigest()
+    try:
+        with pytest.raises(PermanentIssuerError, match="no_such_table"):
+            issuer.mint(req)
+        assert not issuer.exists(f"{issuer.prefix}g_{digest[:12]}")  # rolled back whole
+        assert not issuer.exists(req.name)
+    finally:
+        issuer.close()

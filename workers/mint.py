@@ -1,0 +1,105 @@
+"""Mint a pending credential; revoke it at once if its task ended meanwhile."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task as CeleryTask
+
+from app import ledger, notify, sealing
+from app.db import session_scope
+from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
+from app.logs import log
+from app.models import Credential, CredState, Task, utcnow
+from workers.backoff import backoff
+from workers.celery_app import celery_app, enqueue_revoke
+from workers.issuing import installation_id, issuer_for, revoke_ref
+
+
+def mint(credential_id: str) -> str:
+    """Idempotent: anything but a pending credential is left alone."""
+    with session_scope() as session:
+        cred = session.get(Credential, credential_id)
+        if cred is None or cred.state != CredState.pending:
+            return "skipped"
+        task = session.get(Task, cred.task_id)
+        assert task is not None and cred.expires_at is not None
+        req = MintRequest(
+            credential_id=cred.id,
+            name=cred.backend_name,
+            installation_id=installation_id(session),
+            tenant=cred.tenant,
+            task_id=task.name,
+            task_digest=sealing.task_digest(cred.tenant, task.name),
+            expires_at=cred.expires_at,
+        )
+    started = time.monotonic()
+    try:
+        issuer = issuer_for(cred)
+        minted = issuer.mint(req)
+    except PermanentIssuerError as exc:
+        with session_scope() as session:
+            ledger.mark_mint_failed(session, credential_id, str(exc), now=utcnow())
+        log.error("mint failed", extra=_fields(cred, error=str(exc)))
+        return "failed"
+    with session_scope() as session:
+        active = ledger.activate(
+            session,
+            credential_id,
+            ref=minted.ref,
+            sealed_secret=sealing.seal(minted.secret),
+            expires_at=minted.expires_at,
+            now=utcnow(),
+        )
+    duration = time.monotonic() - started
+    if active:
+        notify.credential_changed(credential_id)
+        log.info("minted", extra=_fields(cred, duration=round(duration, 4)))
+        return "active"
+    # The task ended while we minted: take it back now.
+    log.info("minted after task end; revoking", extra=_fields(cred))
+    try:
+        issuer.revoke(minted.ref)
+    finally:
+        enqueue_revoke([credential_id])
+    return "revoked"
+
+
+def extend(credential_id: str) -> str:
+    with session_scope() as session:
+        cred = session.get(Credential, credential_id)
+        if cred is None or cred.state != CredState.active or cred.expires_at is None:
+            return "skipped"
+    ref = revoke_ref(cred)
+    if ref is None:
+        return "skipped"
+    issuer_for(cred).extend(ref, cred.expires_at)
+    return "extended"
+
+
+def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
+    return {
+        "credential": cred.id,
+        "task": cred.task_id,
+        "issuer": cred.issuer,
+        "profile": cred.profile,
+        **more,
+    }
+
+
+@celery_app.task(name="workers.mint.mint_credential", bind=True, max_retries=6)
+def mint_credential(self: CeleryTask, credential_id: str) -> str:
+    try:
+        return mint(credential_id)
+    except TemporaryIssuerError as exc:
+        # Past max_retries the credential stays pending and the re-drive picks it up.
+        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+
+
+@celery_app.task(name="workers.mint.extend_credential", bind=True, max_retries=6)
+def extend_credential(self: CeleryTask, credential_id: str) -> str:
+    try:
+        return extend(credential_id)
+    except TemporaryIssuerError as exc:
+        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None

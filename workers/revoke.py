@@ -1,0 +1,74 @@
+"""Revoke a credential in its backend, verify, and record it."""
+
+from __future__ import annotations
+
+import time
+
+from celery import Task as CeleryTask
+
+from app import ledger, notify
+from app.db import session_scope
+from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
+from app.logs import log
+from app.models import Credential, CredState, utcnow
+from workers.backoff import backoff
+from workers.celery_app import celery_app
+from workers.issuing import issuer_for, revoke_ref
+
+
+class RevokeFailed(Exception):
+    """A temporary failure, already counted in the ledger."""
+
+
+def revoke(credential_id: str) -> str:
+    """Idempotent: only a credential in `revoking` is acted on."""
+    with session_scope() as session:
+        cred = session.get(Credential, credential_id)
+        if cred is None or cred.state != CredState.revoking:
+            return "skipped"
+    started = time.monotonic()
+    ref = revoke_ref(cred)
+    try:
+        if ref is not None:
+            issuer_for(cred).revoke(ref)
+    except (TemporaryIssuerError, PermanentIssuerError) as exc:
+        with session_scope() as session:
+            attempts = ledger.revoke_failed(session, credential_id, str(exc), now=utcnow())
+        log.warning(
+            "revoke failed",
+            extra={"credential": credential_id, "issuer": cred.issuer, "attempts": attempts,
+                   "error": str(exc)},
+        )
+        raise RevokeFailed(str(exc)) from None
+    with session_scope() as session:
+        done = ledger.mark_revoked(session, credential_id, now=utcnow())
+    if done is None:
+        return "skipped"
+    notify.credential_changed(credential_id)
+    exposure = (
+        (done.revoked_at - done.revoke_requested_at).total_seconds()
+        if done.revoked_at and done.revoke_requested_at
+        else None
+    )
+    log.info(
+        "revoked",
+        extra={
+            "credential": credential_id,
+            "task": done.task_id,
+            "issuer": done.issuer,
+            "profile": done.profile,
+            "reason": done.revoke_reason,
+            "duration": round(time.monotonic() - started, 4),
+            "exposure": exposure,
+        },
+    )
+    return "revoked"
+
+
+@celery_app.task(name="workers.revoke.revoke_credential", bind=True, max_retries=10)
+def revoke_credential(self: CeleryTask, credential_id: str) -> str:
+    try:
+        return revoke(credential_id)
+    except RevokeFailed as exc:
+        # Past max_retries the re-drive sweep enqueues it again: it never stops.
+        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
