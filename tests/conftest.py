@@ -92,7 +92,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     client.secrets.kv.v2.create_or_update_secret(path="reports/q3", secret={"total": "42"})
 
-    _admin_sql(f"CREATE DATABASE {LEDGER_DB}", f"CREATE DATABASE {DATA_DB}")
+    _admin_sql(
+        f"CREATE DATABASE {LEDGER_DB}",
+        f"CREATE DATABASE {DATA_DB}",
+        # Every statement on the data database reaches the server log, so the leak
+        # check can show that role DDL carries no plaintext password.
+        f"ALTER DATABASE {DATA_DB} SET log_statement = 'all'",
+    )
     _admin_sql(
         "CREATE TABLE reports (id int, title text)",
         "INSERT INTO reports VALUES (1, 'q3')",

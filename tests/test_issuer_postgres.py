@@ -58,6 +58,11 @@ def database() -> Iterator[str]:
     name = f"lh_issuer_{secrets.token_hex(4)}"
     with admin() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        # Every statement the issuer sends lands in the server log, where the
+        # leak test looks for the plaintext password.
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name))
+        )
     try:
         with admin(name) as conn:
             conn.execute("CREATE TABLE granted (x int); INSERT INTO granted VALUES (42)")
@@ -339,7 +344,9 @@ def test_password_only_ever_a_scram_verifier(issuer: PostgresIssuer) -> None:
     logs = [p for p in glob.glob("/var/log/postgresql/postgresql-*.log") if os.access(p, os.R_OK)]
     if logs:
         text = "".join(Path(p).read_text(errors="replace") for p in logs)
-        assert f'role "{minted.ref}" already exists' in text  # the log is live
+        # The log is live: it holds both CREATE ROLE statements, one failed.
+        assert f'CREATE ROLE "{minted.ref}" LOGIN PASSWORD \'SCRAM-SHA-256$' in text
+        assert f'role "{minted.ref}" already exists' in text
         assert password not in text
     issuer.revoke(minted.ref)
 

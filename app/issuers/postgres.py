@@ -98,7 +98,6 @@ class PostgresIssuer:
         self._group_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._group: str | None = None  # set once the group role is ensured
-        self._database: str | None = None
 
     # -- the Issuer face ---------------------------------------------------
 
@@ -165,7 +164,8 @@ class PostgresIssuer:
             marked.append(
                 MarkedObject(
                     ref=name,
-                    credential_id=match["cred"] if match else None,
+                    # Unmarked by comment: fall back on the name lh_<inst>_<credential>.
+                    credential_id=match["cred"] if match else name[len(self.prefix) :],
                     name=name,
                     extra=extra,
                 )
@@ -229,13 +229,12 @@ class PostgresIssuer:
             if self._group is not None:
                 return self._group
             with self._connection() as conn, conn.transaction():
+                # Roles are cluster-wide, grants per database: the name holds
+                # both, so a changed profile gets a new group.
                 row = conn.execute("SELECT current_database()").fetchone()
                 assert row is not None
-                self._database = row[0]
-                digest = hashlib.sha256(
-                    "\n".join((self._database, *self.profile.grants)).encode()
-                ).hexdigest()[:12]
-                group = f"{self.prefix}g_{digest}"
+                digest = hashlib.sha256("\n".join((row[0], *self.profile.grants)).encode())
+                group = f"{self.prefix}g_{digest.hexdigest()[:12]}"
                 # Concurrent GRANTs on one object fail ("tuple concurrently
                 # updated"): serialise every group set-up in this database.
                 conn.execute(
