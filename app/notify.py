@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import redis
 import redis.asyncio as aioredis
@@ -85,21 +86,27 @@ class Waiters:
         for event in self._events.get(credential_id, ()):
             event.set()
 
-    async def wait(self, credential_id: str, timeout: float) -> None:
-        """Return when the credential may have changed, or after `timeout`."""
+    @contextlib.contextmanager
+    def watch(self, credential_id: str) -> Iterator[asyncio.Event]:
+        """Register interest first, then re-check the ledger: no wake-up is missed."""
         event = asyncio.Event()
         self._events.setdefault(credential_id, set()).add(event)
         try:
-            # A missed message costs at most one check interval.
-            limit = min(timeout, 1.0 if self._task is not None else 0.2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), limit)
+            yield event
         finally:
             waiters = self._events.get(credential_id)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
                     del self._events[credential_id]
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        """Until woken or `timeout`; without Redis, a short sleep (still no thread held)."""
+        # A re-check every 2 s covers a message lost while the listener reconnects.
+        limit = min(timeout, 2.0 if self._task is not None else 0.1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), limit)
+        event.clear()
 
 
 waiters = Waiters()

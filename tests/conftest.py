@@ -29,18 +29,23 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 PREFIX = f"lhtest{RUN}:"
 ROOT = Path(__file__).resolve().parent.parent
 
+# On PostgreSQL < 16 pg_hba cannot match /^lh_; .ci/pg-setup.sh adds a
+# scram-sha-256 line for members of leasehold_scram_login, which the test
+# profiles' group roles join, so logins below really check the password.
 PROFILES = """
 [profiles.reports-readonly]
 issuer = "postgres"
 dsn = "postgresql://postgres@127.0.0.1:5432/{data_db}"
 grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}",
-          "GRANT SELECT ON reports TO {{role}}"]
+          "GRANT SELECT ON reports TO {{role}}",
+          "GRANT leasehold_scram_login TO {{role}}"]
 max_ttl = 3600
 
 [profiles.short-lived]
 issuer = "postgres"
 dsn = "postgresql://postgres@127.0.0.1:5432/{data_db}"
-grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}"]
+grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}",
+          "GRANT leasehold_scram_login TO {{role}}"]
 max_ttl = 60
 
 [profiles.kv-reader]
@@ -93,6 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
     client.secrets.kv.v2.create_or_update_secret(path="reports/q3", secret={"total": "42"})
 
     _admin_sql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+        "'leasehold_scram_login') THEN CREATE ROLE leasehold_scram_login NOLOGIN; END IF; END $$",
         f"CREATE DATABASE {LEDGER_DB}",
         f"CREATE DATABASE {DATA_DB}",
         # Every statement on the data database reaches the server log, so the leak

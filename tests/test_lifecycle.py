@@ -73,6 +73,8 @@ def test_postgres_lifecycle(
     assert secrets["db"]["issuer"] == "postgres"
     assert secret["username"].startswith("lh_")
     dsn = f"host=127.0.0.1 port=5432 dbname={data_db} user={secret['username']}"
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(dsn, password="not-the-password", connect_timeout=5)
     session = psycopg.connect(dsn, password=secret["password"], autocommit=True, connect_timeout=5)
     assert session.execute("SELECT title FROM reports").fetchall() == [("q3",)]
     with pytest.raises(psycopg.errors.InsufficientPrivilege):

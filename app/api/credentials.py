@@ -76,13 +76,16 @@ async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MA
     task_name = raw_segment(request, 2)
     grant = raw_segment(request, 4)
     deadline = time.monotonic() + wait
-    while True:
-        status, body = await run_in_threadpool(_try_claim, task_pk, task_name, tenant, grant)
-        remaining = deadline - time.monotonic()
-        if status != 409 or remaining <= 0:
-            break
+    status, body = await run_in_threadpool(_try_claim, task_pk, task_name, tenant, grant)
+    if status == 409 and wait > 0:
         cred_id = await run_in_threadpool(_cred_id, task_pk, grant)
-        await notify.waiters.wait(cred_id or "", remaining)
+        with notify.waiters.watch(cred_id or "") as woken:
+            while status == 409 and (remaining := deadline - time.monotonic()) > 0:
+                status, body = await run_in_threadpool(
+                    _try_claim, task_pk, task_name, tenant, grant
+                )
+                if status == 409:
+                    await notify.waiters.wait(woken, remaining)
     headers = {"Cache-Control": "no-store"}
     if status == 409:
         headers["Retry-After"] = "1"
