@@ -287,10 +287,17 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
     work = Path(tempfile.mkdtemp(prefix=f"leasehold-up-{RUN}-")).resolve()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
-    env["PYTHONPATH"] = str(ROOT)  # what `pip install` gives a user
+    # The README's `.venv/bin/leasehold up` where the project is installed (.ci/run),
+    # else the same entry point from this checkout.
+    script = Path(sys.executable).parent / "leasehold"
+    if script.is_file():
+        command = [str(script)]
+    else:
+        command = list(CLI)
+        env["PYTHONPATH"] = str(ROOT)
     out_path, err_path = work.parent / f"{work.name}.out", work.parent / f"{work.name}.err"
     proc = subprocess.Popen(
-        [*CLI, "up", "--port", str(port)],
+        [*command, "up", "--port", str(port)],
         cwd=work,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -387,3 +394,25 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
             shutil.rmtree(work, ignore_errors=True)
             out_path.unlink(missing_ok=True)
             err_path.unlink(missing_ok=True)
+
+
+def test_beat_starts_where_its_home_does_not_exist_yet(tmp_path: Path) -> None:
+    """A production host has no ./.leasehold: beat creates it for its schedule file."""
+    home = tmp_path / "fresh-home"
+    log = tmp_path / "beat.log"
+    env = {**os.environ, "LEASEHOLD_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*CLI, "beat"], cwd=tmp_path, env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        def scheduling() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return any(home.glob("beat-schedule*"))
+
+        wait_until(scheduling, timeout=20, interval=0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,378 @@
+"""Settings and profiles: what start-up refuses, and that the refusal leaks nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.profiles import (
+    PostgresProfile,
+    ProfileError,
+    RedisProfile,
+    VaultDynamicProfile,
+    VaultTokenProfile,
+    load_profiles,
+    parse_profiles,
+)
+from tests.conftest import HOME, REDIS_URL, ROOT, stop_process, wait_until
+from tests.helpers import auth, event, started, states, unique
+
+CLI = [sys.executable, "-m", "app.cli"]
+SAMPLE = ROOT / "app" / "sample" / "profiles.toml"
+DB_PASSWORD = "Db-Pa55-do-not-print"
+SECRET_KEY = "secret-key-do-not-print-0123456789abcdef"
+VAULT_TOKEN = "vault-token-do-not-print"
+SECRETS = (DB_PASSWORD, SECRET_KEY, VAULT_TOKEN)
+
+
+def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 30):
+    try:
+        return subprocess.run(
+            [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:  # e.g. `api` started instead of refusing
+        raise AssertionError(f"`leasehold {' '.join(args)}` did not stop: {exc.stderr!r}") from None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- LEASEHOLD_ENV=production ------------------------------------------------
+
+
+def production_env(**override: str | None) -> dict[str, str]:
+    """A complete production configuration on the test run's services, then `override`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(
+        LEASEHOLD_ENV="production",
+        LEASEHOLD_DATABASE_URL=os.environ["LEASEHOLD_DATABASE_URL"],
+        LEASEHOLD_BROKER_URL=REDIS_URL,
+        LEASEHOLD_BROKER_KEY_PREFIX=os.environ["LEASEHOLD_BROKER_KEY_PREFIX"],
+        LEASEHOLD_SECRET_KEY=SECRET_KEY,
+        LEASEHOLD_VAULT_ADDR=os.environ["LEASEHOLD_VAULT_ADDR"],
+        LEASEHOLD_VAULT_TOKEN=VAULT_TOKEN,
+        LEASEHOLD_PROFILES_FILE=os.environ["LEASEHOLD_PROFILES_FILE"],
+    )
+    for name, value in override.items():
+        key = f"LEASEHOLD_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def test_production_with_everything_configured_starts(tmp_path: Path) -> None:
+    done = run("db", "upgrade", env=production_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / ".leasehold").exists()  # no embedded default was used
+
+
+PG_WITH_PASSWORD = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/postgres"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        pytest.param({"database_url": "sqlite:///ledger.db"}, "refuses SQLite", id="sqlite"),
+        pytest.param({"database_url": None}, "LEASEHOLD_DATABASE_URL", id="no-database"),
+        pytest.param({"broker_url": None, "database_url": PG_WITH_PASSWORD},
+                     "LEASEHOLD_BROKER_URL", id="embedded-broker"),
+        pytest.param({"broker_url": "filesystem://", "database_url": PG_WITH_PASSWORD},
+                     "Redis", id="filesystem-broker"),
+        pytest.param({"secret_key": None, "database_url": PG_WITH_PASSWORD},
+                     "LEASEHOLD_SECRET_KEY", id="no-secret-key"),
+    ],
+)
+def test_production_refuses_embedded_defaults(
+    tmp_path: Path, override: dict[str, str | None], expected: str
+) -> None:
+    done = run("db", "upgrade", env=production_env(**override), cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert expected in done.stderr
+    assert "production" in done.stderr
+    assert "Traceback" not in output
+    for secret in SECRETS:
+        assert secret not in output
+    assert not (tmp_path / ".leasehold").exists()
+    assert not (tmp_path / "ledger.db").exists()
+
+
+@pytest.mark.parametrize("command", [["api", "--port", "0"], ["worker"], ["keys", "list"]])
+def test_production_refusal_stops_every_command(tmp_path: Path, command: list[str]) -> None:
+    env = production_env(secret_key=None, database_url=PG_WITH_PASSWORD)
+    done = run(*command, env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "LEASEHOLD_SECRET_KEY" in done.stderr
+    for secret in SECRETS:
+        assert secret not in output
+
+
+def test_a_bad_setting_is_named_without_its_value(tmp_path: Path) -> None:
+    env = production_env(sweep_interval="-3")
+    done = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "sweep_interval" in done.stderr
+    for secret in SECRETS:
+        assert secret not in done.stdout + done.stderr
+
+
+# --- profiles stop start-up ------------------------------------------------------
+
+VALID = """
+[profiles.fine]
+issuer = "vault-token"
+policies = ["reports-read"]
+max_ttl = 600
+"""
+
+BAD_PROFILES = {
+    "unknown-issuer": ('[profiles.ldap-users]\nissuer = "ldap"\nmax_ttl = 60\n',
+                       "ldap-users", "issuer"),
+    "missing-field": (
+        f'[profiles.no-grants]\nissuer = "postgres"\n'
+        f'dsn = "postgresql://admin:{DB_PASSWORD}@127.0.0.1:5432/reports"\nmax_ttl = 60\n',
+        "no-grants", "grants"),
+    "bad-value": ('[profiles.bad-ttl]\nissuer = "vault-token"\npolicies = ["p"]\n'
+                  'max_ttl = "soon"\n', "bad-ttl", "max_ttl"),
+    "bad-dsn": (
+        f'[profiles.bad-dsn]\nissuer = "postgres"\n'
+        f'dsn = "mysql://admin:{DB_PASSWORD}@db.internal/reports"\n'
+        'grants = ["GRANT SELECT ON t TO {role}"]\nmax_ttl = 60\n',
+        "bad-dsn", "dsn"),
+    "unknown-field": (
+        f'[profiles.typo]\nissuer = "redis"\nurl = "redis://:{DB_PASSWORD}@127.0.0.1:6379/0"\n'
+        'acl = "+get"\nmax_tll = 60\n', "typo", "max_tll"),
+    "negative-ttl": ('[profiles.forever]\nissuer = "vault-dynamic"\npath = "database/creds/x"\n'
+                     "max_ttl = -1\n", "forever", "max_ttl"),
+}
+
+
+def profiles_env(path: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LEASEHOLD_PROFILES_FILE": str(path)}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROFILES))
+def test_bad_profile_stops_api_start_up(tmp_path: Path, case: str) -> None:
+    text, profile, field = BAD_PROFILES[case]
+    path = tmp_path / "profiles.toml"
+    path.write_text(VALID + "\n" + text)
+    done = run("api", "--port", str(free_port()), env=profiles_env(path), cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert f"profile '{profile}'" in done.stderr
+    assert re.search(rf"field '{re.escape(field)}'", done.stderr), done.stderr
+    assert "fine" not in done.stderr  # the valid profile is not blamed
+    assert DB_PASSWORD not in output
+    assert "Traceback" not in output
+
+
+def test_bad_profile_stops_worker_start_up(tmp_path: Path) -> None:
+    text, profile, field = BAD_PROFILES["missing-field"]
+    path = tmp_path / "profiles.toml"
+    path.write_text(text)
+    done = run("worker", env=profiles_env(path), cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"profile '{profile}'" in done.stderr and f"field '{field}'" in done.stderr
+    assert DB_PASSWORD not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(None, "profiles file not found", id="missing"),
+        pytest.param("directory", "cannot read profiles file", id="a-directory"),
+        pytest.param(f'[profiles.x]\ndsn = "postgresql://a:{DB_PASSWORD}@h/db\n',
+                     "not valid TOML", id="not-toml"),
+        pytest.param("# nothing here\n", "no [profiles.<name>] tables", id="empty"),
+    ],
+)
+def test_unusable_profiles_file_stops_api(tmp_path: Path, content: str | None,
+                                          expected: str) -> None:
+    path = tmp_path / "profiles.toml"
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    done = run("api", "--port", str(free_port()), env=profiles_env(path), cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert expected in done.stderr
+    assert DB_PASSWORD not in output
+    assert "Traceback" not in output
+
+
+def _without(profile: str) -> str:
+    """The test run's profiles file with one profile's table cut out."""
+    text = Path(os.environ["LEASEHOLD_PROFILES_FILE"]).read_text()
+    sections = re.split(r"(?m)^(?=\[profiles\.)", text)
+    kept = [s for s in sections if not s.startswith(f"[profiles.{profile}]")]
+    assert len(kept) == len(sections) - 1
+    return "".join(kept)
+
+
+def test_removed_profile_with_live_credentials_stops_start_up(
+    app_client, keys: dict[str, str], tmp_path: Path
+) -> None:
+    task = unique("config-removed")
+    r = app_client.post("/v1/events", json=started(task, {"kv": "kv-reader"}),
+                        headers=auth(keys["emitter"]))
+    assert r.status_code == 202, r.text
+    try:
+        wait_until(lambda: states("t1", task) == {"kv": "active"}, timeout=15)
+
+        removed = tmp_path / "removed.toml"
+        removed.write_text(_without("kv-reader"))
+        assert "kv-reader" not in parse_profiles(tomllib.loads(removed.read_text()))
+        for command in (["api", "--port", str(free_port())], ["worker"]):
+            done = run(*command, env=profiles_env(removed), cwd=tmp_path)
+            assert done.returncode != 0, done.stdout + done.stderr
+            assert "'kv-reader'" in done.stderr and "live credentials" in done.stderr
+            assert "Traceback" not in done.stderr
+
+        # The way out the message offers: put it back retired; start-up goes on.
+        retired = tmp_path / "retired.toml"
+        retired.write_text(_without("kv-reader") + "\n[profiles.kv-reader]\n"
+                           'issuer = "vault-token"\npolicies = ["reports-read"]\n'
+                           "max_ttl = 900\nretired = true\n")
+        port = free_port()
+        log = tmp_path / "api.log"
+        proc = subprocess.Popen([*CLI, "api", "--port", str(port)], cwd=tmp_path,
+                                env=profiles_env(retired), stdout=log.open("wb"),
+                                stderr=subprocess.STDOUT)
+        try:
+            def healthy() -> bool:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    url = f"http://127.0.0.1:{port}/healthz"
+                    return httpx.get(url, timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(healthy, timeout=20, interval=0.1)
+        finally:
+            stop_process(proc)
+    finally:
+        r = app_client.post("/v1/events", json=event("succeeded", task),
+                            headers=auth(keys["emitter"]))
+        assert r.status_code == 202, r.text
+        wait_until(lambda: states("t1", task) == {"kv": "revoked"}, timeout=10)
+
+
+# --- parse_profiles, as a unit -------------------------------------------------
+
+CONTRACT_EXAMPLE = """
+[profiles.reports-readonly]
+issuer = "postgres"
+dsn = "postgresql://admin@127.0.0.1:5432/reports"
+grants = ["GRANT CONNECT ON DATABASE reports TO {role}",
+          "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"]
+max_ttl = 3600
+
+[profiles.task-cache]
+issuer = "redis"
+url = "redis://127.0.0.1:6379/0"
+acl = "~task:{task}:* +get +set"
+max_ttl = 1800
+
+[profiles.kv-reader]
+issuer = "vault-token"
+policies = ["reports-read"]
+max_ttl = 900
+
+[profiles.reports-dynamic]
+issuer = "vault-dynamic"
+path = "database/creds/readonly"
+max_ttl = 3600
+"""
+
+
+def parse(text: str):
+    return parse_profiles(tomllib.loads(text))
+
+
+def test_the_contracts_example_parses() -> None:
+    profiles = parse(CONTRACT_EXAMPLE)
+    assert isinstance(profiles["reports-readonly"], PostgresProfile)
+    assert isinstance(profiles["task-cache"], RedisProfile)
+    assert isinstance(profiles["kv-reader"], VaultTokenProfile)
+    assert isinstance(profiles["reports-dynamic"], VaultDynamicProfile)
+    assert profiles["kv-reader"].max_ttl == 900
+    assert profiles["kv-reader"].open_to("any-tenant")
+    assert not profiles["reports-dynamic"].wrap
+
+
+def test_the_sample_written_by_up_parses() -> None:
+    profiles = load_profiles(SAMPLE)
+    assert list(profiles) == ["demo-kv"]
+    assert profiles["demo-kv"].issuer == "vault-token"
+
+
+def test_the_test_runs_profiles_parse() -> None:
+    profiles = load_profiles(HOME / "profiles.toml")
+    assert profiles["old"].retired
+    assert not profiles["other-tenant-only"].open_to("t1")
+    assert profiles["other-tenant-only"].open_to("t2")
+
+
+def test_optional_fields() -> None:
+    profiles = parse(CONTRACT_EXAMPLE + """
+[profiles.narrow-kv]
+issuer = "vault-token"
+policies = ["reports-read"]
+max_ttl = 60
+narrows = "kv-reader"
+approval = true
+claim = "jwt"
+tenants = ["t1"]
+""")
+    narrow = profiles["narrow-kv"]
+    assert narrow.narrows == "kv-reader" and narrow.approval and narrow.claim == "jwt"
+    assert narrow.tenants == ("t1",)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n'
+         'narrows = "ghost"\n', "profile 'a': field 'narrows': no profile 'ghost'"),
+        ('[profiles."bad name"]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n',
+         "profile 'bad name': field 'name'"),
+        ('[profiles.a]\nissuer = "vault-token"\npolicies = []\nmax_ttl = 60\n',
+         "profile 'a': field 'policies'"),
+        ('[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\nclaim = "x"\n',
+         "profile 'a': field 'claim'"),
+        ('[profiles.a]\npolicies = ["p"]\nmax_ttl = 60\n', "profile 'a': field 'issuer': missing"),
+        ("[profiles]\na = 1\n", "profile 'a': must be a table"),
+        ('[other]\nx = 1\n', "no [profiles.<name>] tables found"),
+    ],
+)
+def test_errors_name_profile_and_field(text: str, expected: str) -> None:
+    with pytest.raises(ProfileError) as caught:
+        parse(text)
+    assert expected in str(caught.value)
+
+
+def test_every_bad_profile_is_reported_at_once() -> None:
+    with pytest.raises(ProfileError) as caught:
+        parse("".join(text for text, _, _ in BAD_PROFILES.values()))
+    message = str(caught.value)
+    for _, profile, field in BAD_PROFILES.values():
+        assert f"profile '{profile}'" in message and field in message
+    assert DB_PASSWORD not in message
