@@ -65,6 +65,12 @@ policies = ["reports-read"]
 max_ttl = 900
 retired = true
 
+[profiles.jwt-only]
+issuer = "vault-token"
+policies = ["reports-read"]
+max_ttl = 900
+claim = "jwt"
+
 [profiles.other-tenant-only]
 issuer = "vault-token"
 policies = ["reports-read"]

@@ -302,3 +302,14 @@ def test_body_limits_and_content_type(app_client: Any, keys: dict[str, str]) -> 
     )
     assert ce.status_code == 400
     assert counts() == before
+
+
+def test_jwt_only_profile_refuses_the_claim_token(app_client: Any, keys: dict[str, str]) -> None:
+    name = unique("jwt")
+    token = post(app_client, keys["emitter"], started(name, {"kv": "jwt-only"})).json()[
+        "claim_token"
+    ]
+    wait_until(lambda: states("t1", name) == {"kv": "active"})
+    refused = app_client.post(claim_url(name, "kv"), headers=auth(token))
+    assert refused.status_code == 403 and "JWT" in refused.json()["error"]
+    post(app_client, keys["emitter"], event("succeeded", name))

@@ -17,6 +17,7 @@ from app.api.paths import raw_segment
 from app.api.schemas import ApiJSON, credential_view
 from app.db import SessionDep, get_engine
 from app.models import Credential, CredState, Task, TaskState, utcnow
+from app.profiles import get_profiles
 from workers.celery_app import enqueue_revoke
 
 router = APIRouter(tags=["credentials"])
@@ -47,6 +48,10 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
             return 409, {"error": "not minted yet", "state": cred.state}
         if cred.state != CredState.active:
             return 410, {"error": f"credential is {cred.state}", "state": cred.state}
+        profile = get_profiles().get(cred.profile)
+        if profile is not None and profile.claim == "jwt":
+            # JWT claims are not built yet: such a profile must not fall back to the token.
+            return 403, {"error": f"profile {cred.profile!r} accepts only a JWT claim"}
         now = utcnow()
         sealed = ledger.take_secret(session, cred, actor="claim", now=now)
         if sealed is None:
