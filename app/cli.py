@@ -15,7 +15,10 @@ from pydantic import ValidationError
 from app.models import Role
 from app.settings import Settings, get_settings
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# No local variables in tracebacks: they may hold secrets (typer < 0.13 shows them).
+cli = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
+)
 db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
 cli.add_typer(db_cli, name="db")
@@ -99,8 +102,10 @@ def keys_list() -> None:
         typer.echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} STATUS")
         for k in rows:
             status = "retired" if k.revoked_at else "active"
-            typer.echo(f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
-                       f"{k.created_at:%Y-%m-%d %H:%M:%S} {status}")
+            typer.echo(
+                f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
+                f"{k.created_at:%Y-%m-%d %H:%M:%S} {status}"
+            )
 
 
 @keys_cli.command("revoke")
@@ -130,8 +135,14 @@ def api(
     _checked_profiles()
     import uvicorn
 
-    uvicorn.run("app.api:create_app", factory=True, host=host, port=port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        "app.api:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 @cli.command()
@@ -147,11 +158,23 @@ def worker(
     from workers.celery_app import celery_app
 
     configure_logging(s)
-    argv = ["worker", "-Q", queues, "-c", str(concurrency), "--loglevel", s.log_level,
-            "-n", f"leasehold-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        s.log_level,
+        "-n",
+        f"leasehold-{uuid.uuid4().hex[:8]}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if beat:
         import schedules.beat  # noqa: F401  (installs the schedule)
 
+        s.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
         argv.append("-B")
     celery_app.worker_main(argv)
 
@@ -165,6 +188,7 @@ def beat_cmd() -> None:
     from workers.celery_app import celery_app
 
     configure_logging(s)
+    s.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     celery_app.start(["beat", "--loglevel", s.log_level])
 
 
@@ -177,8 +201,13 @@ def _parse_grant(text: str) -> dict[str, str]:
 
 @cli.command()
 def emit(
-    type_: Annotated[str, typer.Argument(metavar="TYPE", help="started, heartbeat, succeeded, "
-                                         "failed, cancelled (or task.started, ...)")],
+    type_: Annotated[
+        str,
+        typer.Argument(
+            metavar="TYPE",
+            help="started, heartbeat, succeeded, failed, cancelled (or task.started, ...)",
+        ),
+    ],
     task_id: Annotated[str, typer.Argument(help="the task's id (the event subject)")],
     grant: Annotated[list[str] | None, typer.Option(help="NAME=PROFILE, repeatable")] = None,
     max_duration: Annotated[int | None, typer.Option(help="seconds")] = None,
@@ -202,9 +231,15 @@ def emit(
         data["workload"] = workload
     if parent:
         data["parent"] = parent
-    event = {"specversion": "1.0", "id": event_id or f"cli-{uuid.uuid4()}", "source": source,
-             "type": kind, "subject": task_id,
-             "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "data": data}
+    event = {
+        "specversion": "1.0",
+        "id": event_id or f"cli-{uuid.uuid4()}",
+        "source": source,
+        "type": kind,
+        "subject": task_id,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
     try:
         answer = httpx.post(
             f"{s.url.rstrip('/')}/v1/events",
@@ -232,12 +267,16 @@ def status() -> None:
 
 @cli.command()
 def sweep() -> None:
-    """Run the deadline sweep and the re-drive once, and print what they did."""
+    """Run the reconciliation once (after the deadline sweep), and print what it found."""
     settings()
-    from schedules.sweep import redrive, sweep_deadlines
+    from schedules.reconcile import reconcile, render_report
+    from schedules.sweep import sweep_deadlines
 
     typer.echo(f"timed out: {sweep_deadlines()} credential revocations requested")
-    typer.echo(f"re-driven: {redrive()} stuck credentials")
+    report = reconcile(trigger="cli")
+    typer.echo(render_report(report))
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @cli.command()

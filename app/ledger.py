@@ -22,6 +22,7 @@ from app.models import (
     CredState,
     Event,
     Installation,
+    Sweep,
     Task,
     TaskState,
     utcnow,
@@ -174,8 +175,16 @@ def apply_event(
                 created_at=now,
             )
             session.add(task)
-            audit(session, "task_ended", actor=key.name, tenant=tenant, task_id=task.id,
-                  reason=reason, detail="terminal event before start", now=now)
+            audit(
+                session,
+                "task_ended",
+                actor=key.name,
+                tenant=tenant,
+                task_id=task.id,
+                reason=reason,
+                detail="terminal event before start",
+                now=now,
+            )
             result = EventResult(task=task, duplicate=False)
         else:
             revoke = end_task(session, task, state, reason, actor=key.name, now=now)
@@ -270,8 +279,16 @@ def _start(
         if state == CredState.pending:
             result.to_mint.append(cred.id)
         elif state == CredState.denied:
-            audit(session, "denied", actor=key.name, tenant=tenant, task_id=task.id,
-                  credential_id=cred.id, detail="parent does not hold this profile", now=now)
+            audit(
+                session,
+                "denied",
+                actor=key.name,
+                tenant=tenant,
+                task_id=task.id,
+                credential_id=cred.id,
+                detail="parent does not hold this profile",
+                now=now,
+            )
     return result
 
 
@@ -330,8 +347,15 @@ def _heartbeat(
             .returning(Credential.id, Credential.state)
         ).all()
         result.to_extend = [i for i, state in ids if state == CredState.active]
-        audit(session, "deadline_extended", actor=key.name, tenant=task.tenant, task_id=task.id,
-              detail=deadline.isoformat(), now=now)
+        audit(
+            session,
+            "deadline_extended",
+            actor=key.name,
+            tenant=task.tenant,
+            task_id=task.id,
+            detail=deadline.isoformat(),
+            now=now,
+        )
     return result
 
 
@@ -353,8 +377,15 @@ def end_task(
     if not ended:
         return []
     task.state, task.ended_at = state, now
-    audit(session, "task_ended", actor=actor, tenant=task.tenant, task_id=task.id,
-          reason=reason, now=now)
+    audit(
+        session,
+        "task_ended",
+        actor=actor,
+        tenant=task.tenant,
+        task_id=task.id,
+        reason=reason,
+        now=now,
+    )
     revoke = request_revoke(session, task_id=task.id, reason=reason, actor=actor, now=now)
     children = session.exec(
         select(Task).where(Task.parent_id == task.id, Task.state == TaskState.running)
@@ -390,8 +421,16 @@ def request_revoke(
         ).returning(Credential.id, Credential.tenant, Credential.task_id)
     ).all()
     for cred_id, tenant, task_pk in rows:
-        audit(session, "revoke_requested", actor=actor, tenant=tenant, task_id=task_pk,
-              credential_id=cred_id, reason=reason, now=now)
+        audit(
+            session,
+            "revoke_requested",
+            actor=actor,
+            tenant=tenant,
+            task_id=task_pk,
+            credential_id=cred_id,
+            reason=reason,
+            now=now,
+        )
     return [r[0] for r in rows]
 
 
@@ -415,6 +454,22 @@ def time_out_due(session: Session, *, now: datetime, limit: int = 500) -> list[s
 
 
 # --- minting -------------------------------------------------------------
+
+
+def begin_mint(session: Session, cred_id: str, *, now: datetime) -> None:
+    """Touch a pending row as its mint starts, so that "young pending" means "in
+    flight" to the reconciliation and the re-drive. A row locked by another
+    transaction (an ending task) is skipped, not waited for: the activation's
+    compare-and-set settles that race."""
+    query = (
+        select(Credential.id)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
+        .with_for_update(skip_locked=True)
+    )
+    if session.exec(query).first() is not None:
+        session.execute(
+            update(Credential).where(col(Credential.id) == cred_id).values(updated_at=now)
+        )
 
 
 def activate(
@@ -442,8 +497,15 @@ def activate(
     if done:
         cred = session.get(Credential, cred_id)
         assert cred is not None
-        audit(session, "minted", actor="system", tenant=cred.tenant, task_id=cred.task_id,
-              credential_id=cred_id, now=now)
+        audit(
+            session,
+            "minted",
+            actor="system",
+            tenant=cred.tenant,
+            task_id=cred.task_id,
+            credential_id=cred_id,
+            now=now,
+        )
     else:  # keep the ref so the revoke knows what to remove
         session.execute(
             update(Credential)
@@ -462,8 +524,16 @@ def mark_mint_failed(session: Session, cred_id: str, error: str, *, now: datetim
     if done:
         cred = session.get(Credential, cred_id)
         assert cred is not None
-        audit(session, "mint_failed", actor="system", tenant=cred.tenant, task_id=cred.task_id,
-              credential_id=cred_id, detail=error[:500], now=now)
+        audit(
+            session,
+            "mint_failed",
+            actor="system",
+            tenant=cred.tenant,
+            task_id=cred.task_id,
+            credential_id=cred_id,
+            detail=error[:500],
+            now=now,
+        )
     return bool(done)
 
 
@@ -498,8 +568,16 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
         return None
     cred = session.get(Credential, cred_id)
     assert cred is not None
-    audit(session, "revoked", actor="system", tenant=cred.tenant, task_id=cred.task_id,
-          credential_id=cred_id, reason=cred.revoke_reason, now=now)
+    audit(
+        session,
+        "revoked",
+        actor="system",
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred_id,
+        reason=cred.revoke_reason,
+        now=now,
+    )
     return cred
 
 
@@ -522,14 +600,29 @@ def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime
     ).rowcount
     if not done:
         return None
-    audit(session, "claimed", actor=actor, tenant=cred.tenant, task_id=cred.task_id,
-          credential_id=cred.id, now=now)
+    audit(
+        session,
+        "claimed",
+        actor=actor,
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred.id,
+        now=now,
+    )
     return sealed
 
 
 def record_second_claim(session: Session, cred: Credential, *, actor: str, now: datetime) -> None:
-    audit(session, "second_claim", actor=actor, tenant=cred.tenant, task_id=cred.task_id,
-          credential_id=cred.id, detail="claim of an already claimed credential", now=now)
+    audit(
+        session,
+        "second_claim",
+        actor=actor,
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred.id,
+        detail="claim of an already claimed credential",
+        now=now,
+    )
 
 
 # --- re-drive --------------------------------------------------------------
@@ -565,3 +658,202 @@ def touch(session: Session, cred_ids: list[str], *, now: datetime) -> None:
 def describe_error(exc: BaseException) -> str:
     """A safe one-line description for last_error (issuers' messages are secret-free)."""
     return json.dumps({"type": type(exc).__name__, "message": str(exc)[:500]})
+
+
+def revoke_gave_up(
+    session: Session, cred_id: str, error: str, *, now: datetime
+) -> Credential | None:
+    """Revoking -> failed after a permanent error: recorded as such, not retried forever.
+
+    The reconciliation still revokes the object if the backend shows it (a failed
+    row holds nothing for a running task)."""
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
+        .values(
+            state=CredState.failed,
+            attempts=Credential.attempts + 1,
+            last_error=f"permanent: {error}"[:2000],
+            sealed_secret=None,
+            updated_at=now,
+        )
+    ).rowcount
+    if not done:
+        return None
+    cred = session.get(Credential, cred_id)
+    assert cred is not None
+    audit(
+        session,
+        "revoke_failed",
+        actor="system",
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred_id,
+        reason=cred.revoke_reason,
+        detail=error[:500],
+        now=now,
+    )
+    return cred
+
+
+# --- reconciliation ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldRow:
+    """A credential as the reconciliation compares it with a backend."""
+
+    id: str
+    tenant: str
+    task_id: str
+    state: str
+    profile: str
+    backend_name: str
+    backend_ref: str | None
+    updated_at: datetime
+    minted_at: datetime | None
+    expires_at: datetime | None
+    task_state: str
+
+
+_HELD_COLUMNS = (
+    Credential.id,
+    Credential.tenant,
+    Credential.task_id,
+    Credential.state,
+    Credential.profile,
+    Credential.backend_name,
+    Credential.backend_ref,
+    Credential.updated_at,
+    Credential.minted_at,
+    Credential.expires_at,
+    Task.state,
+)
+
+
+def held_rows(session: Session, ids: list[str]) -> dict[str, HeldRow]:
+    """The credentials (with their task's state) of these ids: primary-key lookups."""
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(*_HELD_COLUMNS)
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .where(col(Credential.id).in_(ids))
+    ).all()
+    return {r[0]: HeldRow(*r) for r in rows}
+
+
+def active_minted_before(
+    session: Session,
+    *,
+    profiles: list[str],
+    before: datetime,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 500,
+) -> list[HeldRow]:
+    """Active credentials of these profiles minted before `before`, a batch at a time.
+
+    Walks the (state, updated_at) index from `after` (the last row's updated_at, id):
+    the cost grows with the active credentials, not with the ledger's history."""
+    query = (
+        select(*_HELD_COLUMNS)
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .where(
+            col(Credential.state) == CredState.active,
+            col(Credential.profile).in_(profiles),
+            col(Credential.minted_at) < before,
+        )
+        .order_by(col(Credential.updated_at), col(Credential.id))
+        .limit(limit)
+    )
+    if after is not None:
+        at, last_id = after
+        query = query.where(
+            or_(
+                col(Credential.updated_at) > at,
+                (col(Credential.updated_at) == at) & (col(Credential.id) > last_id),
+            )
+        )
+    return [HeldRow(*r) for r in session.execute(query).all()]
+
+
+def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime) -> bool:
+    """Active -> revoked (reason `orphan`, last_error `vanished: ...`): the backend no
+    longer holds it, Leasehold did not remove it. The secret is destroyed: a claim
+    must not hand out a dead one."""
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
+        .values(
+            state=CredState.revoked,
+            # The contract has no reason for "gone before we revoked it"; the
+            # reconciliation's reason is `orphan`, and last_error and the audit say vanished.
+            revoke_reason="orphan",
+            revoked_at=now,
+            sealed_secret=None,
+            last_error=detail[:2000],
+            updated_at=now,
+        )
+    ).rowcount
+    if done:
+        cred = session.get(Credential, cred_id)
+        assert cred is not None
+        audit(
+            session,
+            "vanished",
+            actor="reconcile",
+            tenant=cred.tenant,
+            task_id=cred.task_id,
+            credential_id=cred_id,
+            reason="orphan",
+            detail=detail[:500],
+            now=now,
+        )
+    return bool(done)
+
+
+def record_swept(
+    session: Session,
+    action: str,
+    *,
+    reason: str,
+    row: HeldRow | None,
+    credential_id: str | None,
+    detail: str,
+    now: datetime,
+) -> None:
+    """An audit entry for what the reconciliation revoked in a backend by itself."""
+    audit(
+        session,
+        action,
+        actor="reconcile",
+        tenant=row.tenant if row else None,
+        task_id=row.task_id if row else None,
+        credential_id=credential_id,
+        reason=reason,
+        detail=detail[:2000],
+        now=now,
+    )
+
+
+def start_sweep(session: Session, *, now: datetime, trigger: str) -> str:
+    sweep = Sweep(started_at=now, detail={"trigger": trigger})
+    session.add(sweep)
+    session.flush()
+    return sweep.id
+
+
+def finish_sweep(
+    session: Session,
+    sweep_id: str,
+    *,
+    counts: dict[str, int],
+    detail: dict[str, Any],
+    now: datetime,
+) -> Sweep | None:
+    session.execute(
+        update(Sweep)
+        .where(col(Sweep.id) == sweep_id)
+        .values(finished_at=now, detail=detail, **counts)
+    )
+    return session.get(Sweep, sweep_id)

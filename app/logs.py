@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from app.redact import FILTERED, is_secret_key, redact_text
 from app.settings import Settings
 
 log = logging.getLogger("leasehold")
@@ -15,7 +16,12 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+    # Defence in depth: a field named like a secret, or a value shaped like one, is filtered.
+    return {
+        k: FILTERED if is_secret_key(k) else redact_text(v) if isinstance(v, str) else v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,17 +30,17 @@ class JsonFormatter(logging.Formatter):
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_text(record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
-            body["exc"] = self.formatException(record.exc_info)
+            body["exc"] = redact_text(self.formatException(record.exc_info))
         return json.dumps(body, default=str)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = redact_text(super().format(record))
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
         return f"{line} {extra}" if extra else line
 

@@ -109,6 +109,8 @@ def load_profiles(path: Path) -> dict[str, Profile]:
         text = path.read_text()
     except FileNotFoundError:
         raise ProfileError(f"profiles file not found: {path}") from None
+    except OSError as exc:  # a directory (a bind mount of a missing file), no permission
+        raise ProfileError(f"cannot read profiles file {path}: {exc.strerror}") from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     metrics_token: SecretStr | None = None
+    metrics_dir: Path | None = None  # multiprocess metrics files; default <home>/metrics
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     sentry_dsn: SecretStr | None = None

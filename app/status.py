@@ -1,71 +1,47 @@
-"""`leasehold status`: the top-line figures and the active credentials."""
+"""`leasehold status`: the dashboard's top-line figures and the active credentials."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from sqlmodel import Session
 
-from sqlmodel import Session, col, func, select
-
-from app.models import Credential, CredState, Task, TaskState, utcnow
+from app import overview
+from app.models import utcnow
 from app.settings import get_settings
 
 
-def _age(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 0:
-        return f"-{_age(-delta)}"
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
-def render_status(session: Session, *, limit: int = 50) -> str:
+def render_status(session: Session, *, limit: int = 50, tenant: str | None = None) -> str:
     now = utcnow()
-    running = session.exec(
-        select(func.count()).select_from(Task).where(Task.state == TaskState.running)
-    ).one()
-    by_state = dict(
-        session.exec(select(Credential.state, func.count()).group_by(Credential.state)).all()
+    s = overview.summary(
+        session, tenant=tenant, now=now, alert_after=get_settings().revoke_alert_after
     )
-    hour = session.exec(
-        select(func.count()).select_from(Credential).where(
-            Credential.state == CredState.revoked,
-            col(Credential.revoked_at) >= now - timedelta(hours=1),
+    if s.last_sweep is None:
+        sweep = "no sweep yet"
+    else:
+        when = s.last_sweep.finished_at or s.last_sweep.started_at
+        sweep = f"{s.last_sweep.orphans_revoked} orphans, {overview.ago(now - when)} ago" + (
+            "" if s.last_sweep.finished_at else " (running)"
         )
-    ).one()
-    failing = session.exec(
-        select(func.count()).select_from(Credential).where(
-            Credential.state == CredState.revoking,
-            Credential.attempts >= get_settings().revoke_alert_after,
-        )
-    ).one()
     lines = [
-        f"running tasks        {running}",
-        "credentials          " + (
-            ", ".join(f"{s} {n}" for s, n in sorted(by_state.items())) or "none"
-        ),
-        f"revoked last hour    {hour}",
-        f"failing revocations  {failing}",
+        f"running tasks        {s.running_tasks}",
+        f"active credentials   {s.active_total}"
+        + (" (" + ", ".join(f"{i}/{p} {n}" for i, p, n in s.active) + ")" if s.active else ""),
+        f"revoked last hour    {s.revoked_last_hour}",
+        f"failing revocations  {s.failing}",
+        f"last sweep           {sweep}",
         "",
     ]
-    rows = session.exec(
-        select(Credential, Task)
-        .join(Task)
-        .where(Credential.state == CredState.active)
-        .order_by(col(Credential.minted_at).desc())
-        .limit(limit)
-    ).all()
+    rows = overview.live_credentials(session, tenant=tenant, limit=limit, revoking=False)
     if not rows:
         lines.append("no active credentials")
         return "\n".join(lines)
-    lines.append(f"{'TASK':40} {'GRANT':12} {'PROFILE':20} {'ISSUER':13} {'AGE':>6} {'LEFT':>6}")
-    for cred, task in rows:
-        age = _age(now - cred.minted_at) if cred.minted_at else "-"
-        left = _age(task.deadline - now) if task.deadline else "-"
+    lines.append(
+        f"{'TASK':40} {'GRANT':12} {'PROFILE':20} {'ISSUER':13} {'AGE':>6} {'LEFT':>6}  WORKLOAD"
+    )
+    for r in rows:
+        age = overview.ago(now - r.minted_at) if r.minted_at else "-"
+        left = overview.ago(r.deadline - now) if r.deadline else "-"
         lines.append(
-            f"{task.name[:40]:40} {cred.grant[:12]:12} {cred.profile[:20]:20} "
-            f"{cred.issuer:13} {age:>6} {left:>6}"
+            f"{r.task[:40]:40} {r.grant[:12]:12} {r.profile[:20]:20} "
+            f"{r.issuer:13} {age:>6} {left:>6}  {r.workload or '-'}"
         )
     return "\n".join(lines)

@@ -63,10 +63,14 @@ def floor(db: str, n: int) -> float:
                 import base64
 
                 b = base64.b64encode
-                verifier = (f"SCRAM-SHA-256${it}:{b(salt).decode()}${b(stored).decode()}:"
-                            f"{b(server).decode()}")
-                c.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{verifier}' "  # type: ignore[arg-type]
-                          f"VALID UNTIL '{until}' IN ROLE \"{group}\"")
+                verifier = (
+                    f"SCRAM-SHA-256${it}:{b(salt).decode()}${b(stored).decode()}:"
+                    f"{b(server).decode()}"
+                )
+                c.execute(
+                    f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{verifier}' "  # type: ignore[arg-type]
+                    f"VALID UNTIL '{until}' IN ROLE \"{group}\""
+                )
                 c.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]
 
     start = time.perf_counter()
@@ -81,8 +85,14 @@ def floor(db: str, n: int) -> float:
 
 
 def event(kind: str, subject: str, data: dict | None = None) -> dict:
-    body = {"specversion": "1.0", "id": uuid.uuid4().hex, "source": "bench://", "type": kind,
-            "subject": subject, "time": datetime.now(UTC).isoformat()}
+    body = {
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": "bench://",
+        "type": kind,
+        "subject": subject,
+        "time": datetime.now(UTC).isoformat(),
+    }
     if data is not None:
         body["data"] = data
     return body
@@ -94,7 +104,8 @@ def wait_revoked(ledger: str, names: list[str], timeout: float = 120) -> None:
         while time.monotonic() < end:
             left = c.execute(
                 "SELECT count(*) FROM credentials c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.name = ANY(%s) AND c.state <> 'revoked'", (names,)
+                "WHERE t.name = ANY(%s) AND c.state <> 'revoked'",
+                (names,),
             ).fetchone()
             c.commit()
             if left == (0,):
@@ -121,23 +132,39 @@ def main() -> None:
         f'grants = ["GRANT SELECT ON reports TO {{role}}"]\nmax_ttl = 3600\n'
     )
     port = free_port()
-    env = {**os.environ, "LEASEHOLD_HOME": str(home), "LEASEHOLD_DATABASE_URL": f"{PG}/{ledger}",
-           "LEASEHOLD_BROKER_URL": "redis://127.0.0.1:6379/0",
-           "LEASEHOLD_BROKER_KEY_PREFIX": f"lhbench{run}:",
-           "LEASEHOLD_SECRET_KEY": secrets.token_urlsafe(32),
-           "LEASEHOLD_PROFILES_FILE": str(home / "profiles.toml"), "LEASEHOLD_LOG_LEVEL": "WARNING",
-           "LEASEHOLD_VAULT_ADDR": "http://127.0.0.1:1"}
+    env = {
+        **os.environ,
+        "LEASEHOLD_HOME": str(home),
+        "LEASEHOLD_DATABASE_URL": f"{PG}/{ledger}",
+        "LEASEHOLD_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "LEASEHOLD_BROKER_KEY_PREFIX": f"lhbench{run}:",
+        "LEASEHOLD_SECRET_KEY": secrets.token_urlsafe(32),
+        "LEASEHOLD_PROFILES_FILE": str(home / "profiles.toml"),
+        "LEASEHOLD_LOG_LEVEL": "WARNING",
+        "LEASEHOLD_VAULT_ADDR": "http://127.0.0.1:1",
+    }
     exe = [sys.executable, "-m", "app.cli"]
     subprocess.run([*exe, "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
-    key = subprocess.run([*exe, "keys", "create", "bench", "--role", "emitter", "--tenant", "b"],
-                         env=env, cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    key = subprocess.run(
+        [*exe, "keys", "create", "bench", "--role", "emitter", "--tenant", "b"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     log = (home / "procs.log").open("ab")
     procs = [
-        subprocess.Popen([*exe, "api", "--port", str(port)], env=env, cwd=ROOT, stdout=log,
-                         stderr=log),
-        subprocess.Popen([*exe, "worker", "--concurrency", str(args.workers), "--beat"], env=env,
-                         cwd=ROOT, stdout=log, stderr=log),
+        subprocess.Popen(
+            [*exe, "api", "--port", str(port)], env=env, cwd=ROOT, stdout=log, stderr=log
+        ),
+        subprocess.Popen(
+            [*exe, "worker", "--concurrency", str(args.workers), "--beat"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+        ),
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -150,15 +177,27 @@ def main() -> None:
         time.sleep(2)  # the worker's pools warm up
         print(f"floor: direct create+drop role, 2 at a time: {floor(data, 400):.0f} /s")
 
-        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
-                              timeout=60, limits=httpx.Limits(max_connections=args.clients * 2))
+        client = httpx.Client(
+            base_url=url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+            limits=httpx.Limits(max_connections=args.clients * 2),
+        )
 
         def lifecycle(name: str) -> None:
-            r = client.post("/v1/events", json=event("task.started", name, {
-                "max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]}))
+            r = client.post(
+                "/v1/events",
+                json=event(
+                    "task.started",
+                    name,
+                    {"max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]},
+                ),
+            )
             token = r.json()["claim_token"]
-            c = client.post(f"/v1/tasks/{name}/credentials/db/claim?wait=30",
-                            headers={"Authorization": f"Bearer {token}"})
+            c = client.post(
+                f"/v1/tasks/{name}/credentials/db/claim?wait=30",
+                headers={"Authorization": f"Bearer {token}"},
+            )
             assert c.status_code == 200, c.text
             client.post("/v1/events", json=event("task.succeeded", name))
 
@@ -169,8 +208,10 @@ def main() -> None:
             list(pool.map(lifecycle, names))
         wait_revoked(ledger, names)
         elapsed = time.perf_counter() - start
-        print(f"end to end: {args.tasks} lifecycles (start, mint, claim, end, verified revoke) "
-              f"with {args.clients} clients: {args.tasks / elapsed:.0f} /s")
+        print(
+            f"end to end: {args.tasks} lifecycles (start, mint, claim, end, verified revoke) "
+            f"with {args.clients} clients: {args.tasks / elapsed:.0f} /s"
+        )
         with psycopg.connect(f"{PG}/{ledger}") as c:
             stages = c.execute(
                 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
@@ -179,15 +220,31 @@ def main() -> None:
                 "GROUP (ORDER BY extract(epoch FROM c.revoke_requested_at - c.claimed_at)), "
                 "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM c.revoked_at - "
                 "c.revoke_requested_at)) FROM credentials c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.name = ANY(%s)", (names,)).fetchone()
-        print("  p50 per stage (ms): event->minted {:.1f}, minted->claimed {:.1f}, "
-              "claimed->end event {:.1f}, end->revoked {:.1f}".format(
-                  *(float(x) * 1000 for x in stages)))
+                "WHERE t.name = ANY(%s)",
+                (names,),
+            ).fetchone()
+        print(
+            "  p50 per stage (ms): event->minted {:.1f}, minted->claimed {:.1f}, "
+            "claimed->end event {:.1f}, end->revoked {:.1f}".format(
+                *(float(x) * 1000 for x in stages)
+            )
+        )
 
         steady = [f"steady-{run}-{i}" for i in range(args.steady)]
         with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(lambda n: client.post("/v1/events", json=event("task.started", n, {
-                "max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]})), steady))
+            list(
+                pool.map(
+                    lambda n: client.post(
+                        "/v1/events",
+                        json=event(
+                            "task.started",
+                            n,
+                            {"max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]},
+                        ),
+                    ),
+                    steady,
+                )
+            )
         time.sleep(3)
         t0 = time.perf_counter()
         for i, name in enumerate(steady):
@@ -197,13 +254,16 @@ def main() -> None:
         with psycopg.connect(f"{PG}/{ledger}") as c:
             rows = c.execute(
                 "SELECT extract(epoch FROM c.revoked_at - t.ended_at) FROM credentials c "
-                "JOIN tasks t ON t.id = c.task_id WHERE t.name = ANY(%s)", (steady,)
+                "JOIN tasks t ON t.id = c.task_id WHERE t.name = ANY(%s)",
+                (steady,),
             ).fetchall()
         ms = sorted(float(r[0]) * 1000 for r in rows)
         p50 = statistics.median(ms)
         p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-        print(f"time to revoke at 20 events/s (task end -> verified revoke): "
-              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms")
+        print(
+            f"time to revoke at 20 events/s (task end -> verified revoke): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
+        )
     finally:
         for p in procs:
             p.terminate()
@@ -211,11 +271,15 @@ def main() -> None:
             p.wait(15)
         with psycopg.connect(f"{PG}/postgres", autocommit=True) as c:
             for db in (ledger, data):
-                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = %s", (db,))
+                c.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (db,),
+                )
                 c.execute(f"DROP DATABASE IF EXISTS {db}")  # type: ignore[arg-type]
-            groups = c.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'lh\\_%%' "
-                               "AND NOT rolcanlogin AND rolname NOT LIKE 'lh_bench%%'").fetchall()
+            groups = c.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'lh\\_%%' "
+                "AND NOT rolcanlogin AND rolname NOT LIKE 'lh_bench%%'"
+            ).fetchall()
             del groups  # group roles of other runs are not ours to drop
 
 

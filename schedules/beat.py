@@ -15,10 +15,11 @@ def install_schedule() -> None:
             "schedule": settings.sweep_interval,
             "options": {"queue": REVOKE_QUEUE, "expires": settings.sweep_interval},
         },
-        "redrive": {
-            "task": "schedules.sweep.redrive_task",
-            "schedule": 30.0,
-            "options": {"queue": REVOKE_QUEUE, "expires": 30.0},
+        # Ledger vs backends, then the re-drive of stuck mints and revokes; stored as a sweep.
+        "reconcile": {
+            "task": "schedules.reconcile.reconcile_task",
+            "schedule": settings.reconcile_interval,
+            "options": {"queue": REVOKE_QUEUE, "expires": settings.reconcile_interval},
         },
         "renew-vault-token": {
             "task": "schedules.sweep.renew_vault_token_task",

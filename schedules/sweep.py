@@ -30,17 +30,29 @@ def sweep_deadlines() -> int:
     return total
 
 
-def redrive() -> int:
-    """Enqueue again what a lost message or a killed worker left pending or revoking."""
-    now = utcnow()
-    with session_scope() as session:
-        pending, revoking = ledger.stuck_credentials(session, older_than=now - REDRIVE_AFTER)
-        ledger.touch(session, pending + revoking, now=now)
-    enqueue_mint(pending)
-    enqueue_revoke(revoking)
-    if pending or revoking:
-        log.info("re-drive", extra={"pending": len(pending), "revoking": len(revoking)})
-    return len(pending) + len(revoking)
+def redrive_stuck(after: timedelta = REDRIVE_AFTER) -> tuple[int, int]:
+    """Enqueue again what a lost message or a killed worker left pending or revoking
+    (untouched for `after`), in batches; returns (mints, revokes) re-driven."""
+    mints = revokes = 0
+    cutoff = utcnow() - after  # fixed: what this run touches is never picked again
+    while True:
+        now = utcnow()
+        with session_scope() as session:
+            pending, revoking = ledger.stuck_credentials(session, older_than=cutoff, limit=BATCH)
+            # Touched first: the next batch, and the next re-drive, skip these.
+            ledger.touch(session, pending + revoking, now=now)
+        enqueue_mint(pending)
+        enqueue_revoke(revoking)
+        mints, revokes = mints + len(pending), revokes + len(revoking)
+        if len(pending) + len(revoking) < BATCH:
+            break
+    if mints or revokes:
+        log.info("re-drive", extra={"pending": mints, "revoking": revokes})
+    return mints, revokes
+
+
+def redrive(after: timedelta = REDRIVE_AFTER) -> int:
+    return sum(redrive_stuck(after))
 
 
 @celery_app.task(name="schedules.sweep.sweep_deadlines_task", ignore_result=True)

@@ -132,6 +132,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "LEASEHOLD_VAULT_ADDR": _bao.addr,
             "LEASEHOLD_VAULT_TOKEN": _bao.token,
             "LEASEHOLD_SWEEP_INTERVAL": "0.5",
+            # Tests run the reconciliation themselves; a scheduled one would race them.
+            "LEASEHOLD_RECONCILE_INTERVAL": "3600",
             "LEASEHOLD_LOG_LEVEL": "INFO",
         }
     )

@@ -36,8 +36,11 @@ def started(subject: str, grants: dict[str, str], max_duration: int = 60, **data
     return event(
         "started",
         subject,
-        {"max_duration": max_duration,
-         "grants": [{"name": n, "profile": p} for n, p in grants.items()], **data},
+        {
+            "max_duration": max_duration,
+            "grants": [{"name": n, "profile": p} for n, p in grants.items()],
+            **data,
+        },
     )
 
 

@@ -166,8 +166,9 @@ def emitter_env(url: str, key: str) -> dict[str, str]:
 def test_emit_status_and_end(api_url: str, worker: Path, keys: dict[str, str]) -> None:
     env = emitter_env(api_url, keys["emitter"])
     task = unique_name("cli-emit")
-    out = run_cli("emit", "started", task, "--grant", "db=kv-reader", "--max-duration", "60",
-                  env=env)
+    out = run_cli(
+        "emit", "started", task, "--grant", "db=kv-reader", "--max-duration", "60", env=env
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     answer = json.loads(out.stdout)
     assert answer["accepted"] is True and answer["duplicate"] is False
@@ -192,8 +193,14 @@ def test_emit_status_and_end(api_url: str, worker: Path, keys: dict[str, str]) -
 
 def test_emit_unknown_profile_fails(api_url: str, keys: dict[str, str]) -> None:
     task = unique_name("cli-emit-bad")
-    out = run_cli("emit", "started", task, "--grant", "db=no-such-profile",
-                  env=emitter_env(api_url, keys["emitter"]))
+    out = run_cli(
+        "emit",
+        "started",
+        task,
+        "--grant",
+        "db=no-such-profile",
+        env=emitter_env(api_url, keys["emitter"]),
+    )
     assert out.returncode != 0
     assert "no-such-profile" in out.stdout + out.stderr
     assert states("t1", task) == {}  # nothing stored
@@ -273,11 +280,7 @@ def _leftovers(directory: Path, markers: list[str], known: dict[int, str]) -> li
         if info is None:
             continue
         cmdline, cwd, _ = info
-        if (
-            known.get(pid) == cmdline
-            or cwd == str(directory)
-            or any(m in cmdline for m in markers)
-        ):
+        if known.get(pid) == cmdline or cwd == str(directory) or any(m in cmdline for m in markers):
             left.append(f"{pid}: {cmdline}")
     return left
 
@@ -314,6 +317,7 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
         return f"stdout:\n{output()[-3000:]}\nstderr:\n{err_path.read_text()[-3000:]}"
 
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"`up` exited {proc.returncode}\n{logs()}")
@@ -401,9 +405,11 @@ def test_beat_starts_where_its_home_does_not_exist_yet(tmp_path: Path) -> None:
     home = tmp_path / "fresh-home"
     log = tmp_path / "beat.log"
     env = {**os.environ, "LEASEHOLD_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([*CLI, "beat"], cwd=tmp_path, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*CLI, "beat"], cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     try:
+
         def scheduling() -> bool:
             assert proc.poll() is None, log.read_text()[-3000:]
             return any(home.glob("beat-schedule*"))

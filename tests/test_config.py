@@ -35,8 +35,13 @@ SECRETS = (DB_PASSWORD, SECRET_KEY, VAULT_TOKEN)
 def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 30):
     try:
         return subprocess.run(
-            [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True,
-            timeout=timeout, check=False,
+            [*CLI, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:  # e.g. `api` started instead of refusing
         raise AssertionError(f"`leasehold {' '.join(args)}` did not stop: {exc.stderr!r}") from None
@@ -90,12 +95,21 @@ PG_WITH_PASSWORD = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/postgres
     [
         pytest.param({"database_url": "sqlite:///ledger.db"}, "refuses SQLite", id="sqlite"),
         pytest.param({"database_url": None}, "LEASEHOLD_DATABASE_URL", id="no-database"),
-        pytest.param({"broker_url": None, "database_url": PG_WITH_PASSWORD},
-                     "LEASEHOLD_BROKER_URL", id="embedded-broker"),
-        pytest.param({"broker_url": "filesystem://", "database_url": PG_WITH_PASSWORD},
-                     "Redis", id="filesystem-broker"),
-        pytest.param({"secret_key": None, "database_url": PG_WITH_PASSWORD},
-                     "LEASEHOLD_SECRET_KEY", id="no-secret-key"),
+        pytest.param(
+            {"broker_url": None, "database_url": PG_WITH_PASSWORD},
+            "LEASEHOLD_BROKER_URL",
+            id="embedded-broker",
+        ),
+        pytest.param(
+            {"broker_url": "filesystem://", "database_url": PG_WITH_PASSWORD},
+            "Redis",
+            id="filesystem-broker",
+        ),
+        pytest.param(
+            {"secret_key": None, "database_url": PG_WITH_PASSWORD},
+            "LEASEHOLD_SECRET_KEY",
+            id="no-secret-key",
+        ),
     ],
 )
 def test_production_refuses_embedded_defaults(
@@ -143,24 +157,40 @@ max_ttl = 600
 """
 
 BAD_PROFILES = {
-    "unknown-issuer": ('[profiles.ldap-users]\nissuer = "ldap"\nmax_ttl = 60\n',
-                       "ldap-users", "issuer"),
+    "unknown-issuer": (
+        '[profiles.ldap-users]\nissuer = "ldap"\nmax_ttl = 60\n',
+        "ldap-users",
+        "issuer",
+    ),
     "missing-field": (
         f'[profiles.no-grants]\nissuer = "postgres"\n'
         f'dsn = "postgresql://admin:{DB_PASSWORD}@127.0.0.1:5432/reports"\nmax_ttl = 60\n',
-        "no-grants", "grants"),
-    "bad-value": ('[profiles.bad-ttl]\nissuer = "vault-token"\npolicies = ["p"]\n'
-                  'max_ttl = "soon"\n', "bad-ttl", "max_ttl"),
+        "no-grants",
+        "grants",
+    ),
+    "bad-value": (
+        '[profiles.bad-ttl]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = "soon"\n',
+        "bad-ttl",
+        "max_ttl",
+    ),
     "bad-dsn": (
         f'[profiles.bad-dsn]\nissuer = "postgres"\n'
         f'dsn = "mysql://admin:{DB_PASSWORD}@db.internal/reports"\n'
         'grants = ["GRANT SELECT ON t TO {role}"]\nmax_ttl = 60\n',
-        "bad-dsn", "dsn"),
+        "bad-dsn",
+        "dsn",
+    ),
     "unknown-field": (
         f'[profiles.typo]\nissuer = "redis"\nurl = "redis://:{DB_PASSWORD}@127.0.0.1:6379/0"\n'
-        'acl = "+get"\nmax_tll = 60\n', "typo", "max_tll"),
-    "negative-ttl": ('[profiles.forever]\nissuer = "vault-dynamic"\npath = "database/creds/x"\n'
-                     "max_ttl = -1\n", "forever", "max_ttl"),
+        'acl = "+get"\nmax_tll = 60\n',
+        "typo",
+        "max_tll",
+    ),
+    "negative-ttl": (
+        '[profiles.forever]\nissuer = "vault-dynamic"\npath = "database/creds/x"\nmax_ttl = -1\n',
+        "forever",
+        "max_ttl",
+    ),
 }
 
 
@@ -198,13 +228,17 @@ def test_bad_profile_stops_worker_start_up(tmp_path: Path) -> None:
     [
         pytest.param(None, "profiles file not found", id="missing"),
         pytest.param("directory", "cannot read profiles file", id="a-directory"),
-        pytest.param(f'[profiles.x]\ndsn = "postgresql://a:{DB_PASSWORD}@h/db\n',
-                     "not valid TOML", id="not-toml"),
+        pytest.param(
+            f'[profiles.x]\ndsn = "postgresql://a:{DB_PASSWORD}@h/db\n',
+            "not valid TOML",
+            id="not-toml",
+        ),
         pytest.param("# nothing here\n", "no [profiles.<name>] tables", id="empty"),
     ],
 )
-def test_unusable_profiles_file_stops_api(tmp_path: Path, content: str | None,
-                                          expected: str) -> None:
+def test_unusable_profiles_file_stops_api(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
     path = tmp_path / "profiles.toml"
     if content == "directory":
         path.mkdir()
@@ -231,8 +265,9 @@ def test_removed_profile_with_live_credentials_stops_start_up(
     app_client, keys: dict[str, str], tmp_path: Path
 ) -> None:
     task = unique("config-removed")
-    r = app_client.post("/v1/events", json=started(task, {"kv": "kv-reader"}),
-                        headers=auth(keys["emitter"]))
+    r = app_client.post(
+        "/v1/events", json=started(task, {"kv": "kv-reader"}), headers=auth(keys["emitter"])
+    )
     assert r.status_code == 202, r.text
     try:
         wait_until(lambda: states("t1", task) == {"kv": "active"}, timeout=15)
@@ -248,15 +283,22 @@ def test_removed_profile_with_live_credentials_stops_start_up(
 
         # The way out the message offers: put it back retired; start-up goes on.
         retired = tmp_path / "retired.toml"
-        retired.write_text(_without("kv-reader") + "\n[profiles.kv-reader]\n"
-                           'issuer = "vault-token"\npolicies = ["reports-read"]\n'
-                           "max_ttl = 900\nretired = true\n")
+        retired.write_text(
+            _without("kv-reader") + "\n[profiles.kv-reader]\n"
+            'issuer = "vault-token"\npolicies = ["reports-read"]\n'
+            "max_ttl = 900\nretired = true\n"
+        )
         port = free_port()
         log = tmp_path / "api.log"
-        proc = subprocess.Popen([*CLI, "api", "--port", str(port)], cwd=tmp_path,
-                                env=profiles_env(retired), stdout=log.open("wb"),
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*CLI, "api", "--port", str(port)],
+            cwd=tmp_path,
+            env=profiles_env(retired),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
+
             def healthy() -> bool:
                 assert proc.poll() is None, log.read_text()
                 try:
@@ -269,8 +311,9 @@ def test_removed_profile_with_live_credentials_stops_start_up(
         finally:
             stop_process(proc)
     finally:
-        r = app_client.post("/v1/events", json=event("succeeded", task),
-                            headers=auth(keys["emitter"]))
+        r = app_client.post(
+            "/v1/events", json=event("succeeded", task), headers=auth(keys["emitter"])
+        )
         assert r.status_code == 202, r.text
         wait_until(lambda: states("t1", task) == {"kv": "revoked"}, timeout=10)
 
@@ -332,7 +375,9 @@ def test_the_test_runs_profiles_parse() -> None:
 
 
 def test_optional_fields() -> None:
-    profiles = parse(CONTRACT_EXAMPLE + """
+    profiles = parse(
+        CONTRACT_EXAMPLE
+        + """
 [profiles.narrow-kv]
 issuer = "vault-token"
 policies = ["reports-read"]
@@ -341,7 +386,8 @@ narrows = "kv-reader"
 approval = true
 claim = "jwt"
 tenants = ["t1"]
-""")
+"""
+    )
     narrow = profiles["narrow-kv"]
     assert narrow.narrows == "kv-reader" and narrow.approval and narrow.claim == "jwt"
     assert narrow.tenants == ("t1",)
@@ -350,17 +396,26 @@ tenants = ["t1"]
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n'
-         'narrows = "ghost"\n', "profile 'a': field 'narrows': no profile 'ghost'"),
-        ('[profiles."bad name"]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n',
-         "profile 'bad name': field 'name'"),
-        ('[profiles.a]\nissuer = "vault-token"\npolicies = []\nmax_ttl = 60\n',
-         "profile 'a': field 'policies'"),
-        ('[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\nclaim = "x"\n',
-         "profile 'a': field 'claim'"),
+        (
+            '[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n'
+            'narrows = "ghost"\n',
+            "profile 'a': field 'narrows': no profile 'ghost'",
+        ),
+        (
+            '[profiles."bad name"]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\n',
+            "profile 'bad name': field 'name'",
+        ),
+        (
+            '[profiles.a]\nissuer = "vault-token"\npolicies = []\nmax_ttl = 60\n',
+            "profile 'a': field 'policies'",
+        ),
+        (
+            '[profiles.a]\nissuer = "vault-token"\npolicies = ["p"]\nmax_ttl = 60\nclaim = "x"\n',
+            "profile 'a': field 'claim'",
+        ),
         ('[profiles.a]\npolicies = ["p"]\nmax_ttl = 60\n', "profile 'a': field 'issuer': missing"),
         ("[profiles]\na = 1\n", "profile 'a': must be a table"),
-        ('[other]\nx = 1\n', "no [profiles.<name>] tables found"),
+        ("[other]\nx = 1\n", "no [profiles.<name>] tables found"),
     ],
 )
 def test_errors_name_profile_and_field(text: str, expected: str) -> None:

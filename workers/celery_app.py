@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
 from kombu import Exchange, Queue
 
 from app.settings import Settings, get_settings
@@ -54,7 +54,7 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.home / "beat-schedule").resolve()),
-        include=["workers.mint", "workers.revoke", "schedules.sweep"],
+        include=["workers.mint", "workers.revoke", "schedules.sweep", "schedules.reconcile"],
     )
 
 
@@ -72,6 +72,14 @@ def _fresh_pools(**_: object) -> None:
     close_all()
 
 
+@celeryd_init.connect
+def _error_reporting(**_: object) -> None:
+    """Sentry in the worker's main process, before the pool forks (its children inherit it)."""
+    from app.errors_reporting import init_sentry
+
+    init_sentry(get_settings(), component="worker")
+
+
 def enqueue_mint(ids: list[str]) -> None:
     for cred_id in ids:
         celery_app.send_task("workers.mint.mint_credential", args=[cred_id], queue=MINT_QUEUE)
@@ -84,6 +92,4 @@ def enqueue_extend(ids: list[str]) -> None:
 
 def enqueue_revoke(ids: list[str]) -> None:
     for cred_id in ids:
-        celery_app.send_task(
-            "workers.revoke.revoke_credential", args=[cred_id], queue=REVOKE_QUEUE
-        )
+        celery_app.send_task("workers.revoke.revoke_credential", args=[cred_id], queue=REVOKE_QUEUE)

@@ -6,8 +6,9 @@ import time
 from typing import Any
 
 from celery import Task as CeleryTask
+from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify, sealing
+from app import ledger, notify, observe, sealing
 from app.db import session_scope
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
@@ -23,6 +24,7 @@ def mint(credential_id: str) -> str:
         cred = session.get(Credential, credential_id)
         if cred is None or cred.state != CredState.pending:
             return "skipped"
+        ledger.begin_mint(session, credential_id, now=utcnow())
         task = session.get(Task, cred.task_id)
         assert task is not None and cred.expires_at is not None
         req = MintRequest(
@@ -42,6 +44,7 @@ def mint(credential_id: str) -> str:
         with session_scope() as session:
             ledger.mark_mint_failed(session, credential_id, str(exc), now=utcnow())
         log.error("mint failed", extra=_fields(cred, error=str(exc)))
+        observe.minted(cred, time.monotonic() - started, "failed")
         return "failed"
     with session_scope() as session:
         active = ledger.activate(
@@ -53,10 +56,21 @@ def mint(credential_id: str) -> str:
             now=utcnow(),
         )
     duration = time.monotonic() - started
+    observe.minted(cred, duration, "ok" if active else "late")
     if active:
         notify.credential_changed(credential_id)
         log.info("minted", extra=_fields(cred, duration=round(duration, 4)))
         return "active"
+    with session_scope() as session:
+        now_held = session.get(Credential, credential_id)
+    if now_held is not None and now_held.state == CredState.active:
+        # Another delivery of this job won. A different object (a second Vault token) is
+        # ours to remove; the same name (postgres role, redis user) is the live credential.
+        if minted.ref != now_held.backend_ref:
+            issuer.revoke(minted.ref)
+        else:
+            log.warning("duplicate mint of a live credential", extra=_fields(cred))
+        return "duplicate"
     # The task ended while we minted: take it back now.
     log.info("minted after task end; revoking", extra=_fields(cred))
     try:
@@ -92,7 +106,7 @@ def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
 def mint_credential(self: CeleryTask, credential_id: str) -> str:
     try:
         return mint(credential_id)
-    except TemporaryIssuerError as exc:
+    except (TemporaryIssuerError, OperationalError) as exc:  # a backend, or the ledger
         # Past max_retries the credential stays pending and the re-drive picks it up.
         raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
 

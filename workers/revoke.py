@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from celery import Task as CeleryTask
+from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify
+from app import ledger, notify, observe
 from app.db import session_scope
 from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
@@ -18,6 +19,10 @@ from workers.issuing import issuer_for, revoke_ref
 
 class RevokeFailed(Exception):
     """A temporary failure, already counted in the ledger."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 def revoke(credential_id: str) -> str:
@@ -31,15 +36,38 @@ def revoke(credential_id: str) -> str:
     try:
         if ref is not None:
             issuer_for(cred).revoke(ref)
-    except (TemporaryIssuerError, PermanentIssuerError) as exc:
+    except TemporaryIssuerError as exc:
         with session_scope() as session:
             attempts = ledger.revoke_failed(session, credential_id, str(exc), now=utcnow())
+        observe.revoke_failed(cred, attempts, str(exc))
         log.warning(
             "revoke failed",
-            extra={"credential": credential_id, "issuer": cred.issuer, "attempts": attempts,
-                   "error": str(exc)},
+            extra={
+                "credential": credential_id,
+                "issuer": cred.issuer,
+                "attempts": attempts,
+                "error": str(exc),
+            },
         )
-        raise RevokeFailed(str(exc)) from None
+        raise RevokeFailed(str(exc), attempts) from None
+    except PermanentIssuerError as exc:
+        # Refused for good (e.g. the object is not this installation's, or the profile is
+        # gone): recorded as such and not retried; the reconciliation still revokes the
+        # object if a backend shows it.
+        with session_scope() as session:
+            failed = ledger.revoke_gave_up(session, credential_id, str(exc), now=utcnow())
+        attempts = failed.attempts if failed is not None else cred.attempts + 1
+        observe.revoke_failed(cred, attempts, str(exc))
+        log.error(
+            "revoke failed for good",
+            extra={
+                "credential": credential_id,
+                "issuer": cred.issuer,
+                "attempts": attempts,
+                "error": str(exc),
+            },
+        )
+        return "failed"
     with session_scope() as session:
         done = ledger.mark_revoked(session, credential_id, now=utcnow())
     if done is None:
@@ -50,6 +78,7 @@ def revoke(credential_id: str) -> str:
         if done.revoked_at and done.revoke_requested_at
         else None
     )
+    observe.revoked(done, exposure)
     log.info(
         "revoked",
         extra={
@@ -70,5 +99,8 @@ def revoke_credential(self: CeleryTask, credential_id: str) -> str:
     try:
         return revoke(credential_id)
     except RevokeFailed as exc:
-        # Past max_retries the re-drive sweep enqueues it again: it never stops.
+        # Backoff from the attempts the ledger counted, so it stays capped and growing
+        # across re-drives. Past max_retries the re-drive enqueues it again: it never stops.
+        raise self.retry(countdown=backoff(exc.attempts), exc=exc) from None
+    except OperationalError as exc:  # the ledger itself is unreachable: try again soon
         raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None

@@ -9,10 +9,12 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app import __version__, notify, startup
-from app.api import credentials, errors, events, tasks
+from app.api import credentials, dashboard, errors, events, metrics, sweeps, tasks
 from app.api.schemas import ApiJSON
 from app.db import session_scope
+from app.errors_reporting import init_sentry
 from app.logs import configure_logging
+from app.metrics import prepare as prepare_metrics
 from app.settings import get_settings
 
 
@@ -25,6 +27,7 @@ def _startup_checks() -> None:
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     configure_logging(get_settings())
     await run_in_threadpool(_startup_checks)
+    await run_in_threadpool(prepare_metrics)  # the metrics directory, dead processes' files merged
     await notify.waiters.start()
     try:
         yield
@@ -33,6 +36,8 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
+    # Before the app exists: Sentry's Starlette/FastAPI hooks wrap what is built after.
+    init_sentry(get_settings(), component="api")
     app = FastAPI(
         title="Leasehold",
         version=__version__,
@@ -44,6 +49,9 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(credentials.router)
     app.include_router(tasks.router)
+    app.include_router(sweeps.router)
+    app.include_router(metrics.router)
+    dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

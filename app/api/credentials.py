@@ -126,8 +126,9 @@ def list_credentials(
         query = query.join(Task).where(Task.name == task)
     rows, nxt = page(session, query, Credential.id, limit, cursor)
     names = dict(
-        session.exec(select(Task.id, Task.name).where(col(Task.id).in_({c.task_id for c in rows})))
-        .all()
+        session.exec(
+            select(Task.id, Task.name).where(col(Task.id).in_({c.task_id for c in rows}))
+        ).all()
     )
     items = [credential_view(c, names.get(c.task_id)) | {"tenant": c.tenant} for c in rows]
     return ApiJSON({"items": items, "next": nxt})

@@ -16,8 +16,9 @@ from app.logs import log
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.headers, self.extra = status, message, headers, extra
 
@@ -59,4 +60,3 @@ def install(app: FastAPI) -> None:
 
     for kind in (OperationalError, PoolTimeout):
         app.add_exception_handler(kind, _unavailable)
-

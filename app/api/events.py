@@ -84,8 +84,9 @@ def check_profiles(event: EventIn, tenant: str, profiles: dict[str, Profile]) ->
         if profile.retired:
             raise ApiError(422, f"grant {grant['name']!r}: profile {name!r} is retired")
         if not profile.open_to(tenant):
-            raise ApiError(422, f"grant {grant['name']!r}: profile {name!r} is not open to "
-                           "this tenant")
+            raise ApiError(
+                422, f"grant {grant['name']!r}: profile {name!r} is not open to this tenant"
+            )
         if smallest is None or profile.max_ttl < smallest[0]:
             smallest = (profile.max_ttl, name)
     assert smallest is not None
@@ -150,7 +151,12 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     enqueue_extend(result.to_extend)
     log.info(
         "event",
-        extra={"type": event.type, "task": result.task.id, "duplicate": result.duplicate,
-               "mints": len(result.to_mint), "revokes": len(result.to_revoke)},
+        extra={
+            "type": event.type,
+            "task": result.task.id,
+            "duplicate": result.duplicate,
+            "mints": len(result.to_mint),
+            "revokes": len(result.to_revoke),
+        },
     )
     return ApiJSON(answer, status_code=200 if result.duplicate else 202)

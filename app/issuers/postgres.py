@@ -93,7 +93,15 @@ class PostgresIssuer:
         self._group_pattern = re.compile(re.escape(self.prefix) + r"g_[0-9a-f]{12}")
         self._timeout = settings.backend_timeout
         self._conninfo = _libpq_url(profile.dsn)
-        self._dsn_password = conninfo_to_dict(self._conninfo).get("password") or None
+        # Both spellings (percent-encoded in the URL, decoded by libpq) are scrubbed.
+        self._dsn_passwords = tuple(
+            p
+            for p in (
+                urlsplit(self._conninfo).password,
+                conninfo_to_dict(self._conninfo).get("password"),
+            )
+            if p
+        )
         self._pool_lock = threading.Lock()
         self._group_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
@@ -399,7 +407,7 @@ class PostgresIssuer:
         # which would quote a password verifier.
         text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
         text = text or type(exc).__name__
-        for secret in (self._dsn_password, *secrets_):
+        for secret in (*self._dsn_passwords, *secrets_):
             if secret:
                 text = text.replace(secret, "***")
         return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -61,7 +61,8 @@ class RedisIssuer:
         self.profile = profile
         self.installation_id = installation_id
         self.prefix = f"lh_{installation_id[:12]}_"
-        self._url_password = urlsplit(profile.url).password
+        raw = urlsplit(profile.url).password
+        self._url_passwords = tuple(p for p in (raw, raw and unquote(raw)) if p)
         # No connection is made here. One retry on a broken connection (a
         # restarted server) and none on timeouts, so each call stays bounded.
         self._client = redis.Redis.from_url(
@@ -165,7 +166,7 @@ class RedisIssuer:
             raise
         except redis.RedisError as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            for secret in (self._url_password, *secrets_):
+            for secret in (*self._url_passwords, *secrets_):
                 if secret:
                     text = text.replace(secret, "***")
             message = f"redis {action}: {text}"

@@ -117,7 +117,11 @@ class _TokenIssuer:
                     ref=accessor,
                     credential_id=meta.get("credential"),
                     name=(data or {}).get("display_name"),
-                    extra={"task": meta.get("task", ""), "profile": self.profile.name},
+                    extra={
+                        "task": meta.get("task", ""),
+                        "profile": self.profile.name,
+                        "expire_time": (data or {}).get("expire_time") or "",
+                    },
                 )
             )
         return marked

@@ -1,0 +1,28 @@
+"""GET /metrics: Prometheus text format; LEASEHOLD_METRICS_TOKEN, when set, as a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Request, Response
+
+from app import metrics
+from app.api.auth import bearer
+from app.api.errors import ApiError
+from app.settings import get_settings
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+def scrape(request: Request) -> Response:
+    token = get_settings().metrics_token
+    if token is not None:
+        given = bearer(request) or ""
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise ApiError(
+                401, "a valid metrics token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+    return Response(
+        metrics.render(), media_type=metrics.CONTENT_TYPE, headers={"Cache-Control": "no-store"}
+    )

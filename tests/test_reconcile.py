@@ -1,0 +1,438 @@
+"""The reconciliation against real backends, in-process, on a ledger of its own:
+orphans, in-flight mints, vanished and re-revoked credentials, the sweep record,
+one sweep at a time, the API and the CLI, and revocation failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import select
+
+from app.db import session_scope
+from app.models import AuditEntry, CredState, Sweep
+from schedules.reconcile import LOCK_KEY, reconcile
+from tests.conftest import DATA_DB, ROOT
+from tests.helpers import auth
+from tests.isolated import (
+    Driver,
+    TcpProxy,
+    credential,
+    issuer,
+    mint_request,
+    private_ledger,
+    remove_installation_objects,
+)
+from workers.mint import extend, mint
+from workers.revoke import RevokeFailed, revoke
+
+PROXIED = """
+[profiles.db-proxied]
+issuer = "postgres"
+dsn = "postgresql://postgres@127.0.0.1:{port}/{data_db}"
+grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}"]
+max_ttl = 3600
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy(5432).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def inst(proxy: TcpProxy) -> Iterator[str]:
+    profiles = PROXIED.format(port=proxy.port, data_db=DATA_DB)
+    env = {"LEASEHOLD_BACKEND_TIMEOUT": "1", "LEASEHOLD_REVOKE_ALERT_AFTER": "2"}
+    with private_ledger("rec", profiles, env) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def driver(inst: str) -> Driver:
+    return Driver()
+
+
+@pytest.fixture(scope="module")
+def api(inst: str) -> TestClient:
+    """Requests only: no lifespan, whose notification listener is one per process
+    (the session's app client may hold it)."""
+    from app.api import create_app
+
+    return TestClient(create_app())
+
+
+def name() -> str:
+    return f"rec/{uuid.uuid4().hex[:10]}"
+
+
+def audit(action: str, cred_id: str | None = None) -> list[AuditEntry]:
+    with session_scope() as session:
+        query = select(AuditEntry).where(AuditEntry.action == action)
+        if cred_id is not None:
+            query = query.where(AuditEntry.credential_id == cred_id)
+        return list(session.exec(query))
+
+
+def age(cred_ids: Any, column: str, minutes: int = 10) -> None:
+    """Let time pass for these rows (only rows minted before a listing are judged vanished)."""
+    with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE credentials SET {column} = {column} - make_interval(mins => %s) "
+            "WHERE id = ANY(%s)",
+            (minutes, list(cred_ids)),
+        )
+
+
+def quiet_sweep(**kw: Any) -> Any:
+    """A sweep whose re-drive goes nowhere (no worker serves this ledger)."""
+    with mock.patch("schedules.sweep.enqueue_mint"), mock.patch("schedules.sweep.enqueue_revoke"):
+        report = reconcile(trigger="test", **kw)
+    assert not report.skipped
+    return report
+
+
+def test_orphans_are_revoked_and_other_installations_kept(
+    inst: str, api: TestClient, driver: Driver
+) -> None:
+    other = uuid.uuid4().hex
+    lookalike = inst[:12] + uuid.uuid4().hex[12:]  # shares our 12-character role prefix
+    mine, theirs = {}, []
+    try:
+        for profile in ("reports-readonly", "kv-reader", "task-cache"):
+            cred_id = f"orphan{uuid.uuid4().hex[:10]}"
+            minted = issuer(profile, inst).mint(
+                mint_request(cred_id, f"lh_{inst[:12]}_{cred_id}", inst)
+            )
+            mine[profile] = (cred_id, minted.ref)
+            for foreign in (other, lookalike):
+                cid = f"foreign{uuid.uuid4().hex[:10]}"
+                if profile != "reports-readonly" and foreign is lookalike:
+                    continue  # redis users carry no comment: a shared prefix is one installation
+                theirs.append(
+                    (
+                        profile,
+                        foreign,
+                        issuer(profile, foreign)
+                        .mint(mint_request(cid, f"lh_{foreign[:12]}_{cid}", foreign))
+                        .ref,
+                    )
+                )
+
+        report = quiet_sweep()
+        assert report.orphans_revoked == 3, report.detail
+        assert report.errors == 0, report.detail
+        found = {o["credential"] for o in report.detail["orphans"]}
+        assert found == {cred_id for cred_id, _ in mine.values()}
+        for profile, (cred_id, ref) in mine.items():
+            assert not issuer(profile, inst).exists(ref), profile
+            entry = audit("orphan_revoked", cred_id)
+            assert entry and entry[0].reason == "orphan" and entry[0].actor == "reconcile"
+        for profile, foreign, ref in theirs:
+            assert issuer(profile, foreign).exists(ref), (profile, foreign)
+
+        # Stored: GET /v1/sweeps (admin) shows it, newest first, with the contract's fields.
+        listed = api.get("/v1/sweeps", headers=auth(driver.admin_secret))
+        assert listed.status_code == 200
+        top = listed.json()["items"][0]
+        assert top["id"] == report.id and top["orphans_revoked"] == 3
+        assert {
+            "id",
+            "started_at",
+            "finished_at",
+            "checked",
+            "orphans_revoked",
+            "vanished",
+            "rerevoked",
+            "redriven",
+            "errors",
+        } <= set(top)
+        one = api.get(f"/v1/sweeps/{report.id}", headers=auth(driver.admin_secret)).json()
+        assert len(one["detail"]["orphans"]) == 3
+
+        # Level-triggered: the next sweep finds nothing left to do.
+        again = quiet_sweep()
+        assert again.orphans_revoked == 0 and again.errors == 0
+    finally:
+        remove_installation_objects(other)
+        remove_installation_objects(lookalike)
+
+
+def test_held_and_in_flight_are_left_alone(inst: str, driver: Driver) -> None:
+    task = name()
+    creds = driver.start(task, {"db": "reports-readonly", "kv": "kv-reader"})
+    assert mint(creds["db"]) == "active"
+    # A worker half-way: minted in the backend, not yet recorded (the row is young).
+    row = credential(creds["kv"])
+    in_flight = issuer("kv-reader", inst).mint(mint_request(row.id, row.backend_name, inst))
+
+    report = quiet_sweep()
+    assert report.orphans_revoked == 0 and report.vanished == 0, report.detail
+    assert report.detail["in_flight"] >= 1
+    assert issuer("kv-reader", inst).exists(in_flight.ref)
+    assert issuer("reports-readonly", inst).exists(credential(creds["db"]).backend_ref)
+
+    # Much later the mint has still not been recorded: its worker died. The object goes,
+    # and the re-drive mints the credential again.
+    with (
+        mock.patch("schedules.sweep.enqueue_mint") as enqueued,
+        mock.patch("schedules.sweep.enqueue_revoke"),
+    ):
+        late = reconcile(trigger="test", pending_grace=timedelta(0), redrive_after=timedelta(0))
+    assert late.orphans_revoked == 1, late.detail
+    assert late.detail["orphans"][0]["why"] == "minted but never recorded"
+    assert not issuer("kv-reader", inst).exists(in_flight.ref)
+    assert creds["kv"] in enqueued.call_args.args[0]
+    assert mint(creds["kv"]) == "active"
+    assert quiet_sweep().orphans_revoked == 0
+
+    for cred_id in driver.end(task):
+        assert revoke(cred_id) == "revoked"
+    assert {c.state for c in driver.credentials(task)} == {CredState.revoked}
+
+
+def test_second_token_of_a_retried_mint_is_an_orphan(inst: str, driver: Driver) -> None:
+    task = name()
+    cred_id = driver.start(task, {"kv": "kv-reader"})["kv"]
+    row = credential(cred_id)
+    # The first attempt minted and died; the retried mint made a second token.
+    first = issuer("kv-reader", inst).mint(mint_request(row.id, row.backend_name, inst))
+    assert mint(cred_id) == "active"
+    kept = credential(cred_id).backend_ref
+    assert kept != first.ref
+
+    report = quiet_sweep()
+    assert report.orphans_revoked == 1, report.detail
+    assert report.detail["orphans"][0]["ref"] == first.ref
+    assert not issuer("kv-reader", inst).exists(first.ref)
+    assert issuer("kv-reader", inst).exists(kept)
+    assert credential(cred_id).state == CredState.active
+    for revoke_id in driver.end(task):
+        revoke(revoke_id)
+
+
+def test_vanished_is_marked_and_said(inst: str, driver: Driver) -> None:
+    task = name()
+    creds = driver.start(task, {"db": "reports-readonly", "cache": "task-cache"})
+    for cred_id in creds.values():
+        assert mint(cred_id) == "active"
+    # Minted a while ago; then someone drops the role by hand. The redis user stays.
+    age(creds.values(), "minted_at")
+    issuer("reports-readonly", inst).revoke(credential(creds["db"]).backend_ref)
+
+    report = quiet_sweep()
+    assert report.vanished == 1 and report.orphans_revoked == 0, report.detail
+    assert report.detail["vanished"][0]["credential"] == creds["db"]
+    gone = credential(creds["db"])
+    assert gone.state == CredState.revoked and gone.revoke_reason == "orphan"
+    assert "vanished" in gone.last_error and gone.sealed_secret is None
+    assert audit("vanished", creds["db"])
+    assert credential(creds["cache"]).state == CredState.active
+    assert quiet_sweep().vanished == 0  # said once
+    for cred_id in driver.end(task):
+        revoke(cred_id)
+
+
+def test_revoked_but_present_is_revoked_again(inst: str, driver: Driver) -> None:
+    from app import ledger
+    from app.models import utcnow
+
+    task = name()
+    creds = driver.start(task, {"db": "reports-readonly", "cache": "task-cache"})
+    refs = {}
+    for grant, cred_id in creds.items():
+        mint(cred_id)
+        refs[grant] = credential(cred_id).backend_ref
+    # A revoke recorded but lost on its way to the backend.
+    for cred_id in driver.end(task):
+        with session_scope() as session:
+            assert ledger.mark_revoked(session, cred_id, now=utcnow()) is not None
+    assert issuer("reports-readonly", inst).exists(refs["db"])
+
+    report = quiet_sweep()
+    assert report.rerevoked == 2 and report.orphans_revoked == 0, report.detail
+    assert not issuer("reports-readonly", inst).exists(refs["db"])
+    assert not issuer("task-cache", inst).exists(refs["cache"])
+    assert audit("revoked_again", creds["db"])
+
+
+def test_token_of_a_mint_that_died_is_found_after_the_task_ended(inst: str, driver: Driver) -> None:
+    task = name()
+    cred_id = driver.start(task, {"kv": "kv-reader"})["kv"]
+    row = credential(cred_id)
+    # The worker minted the token and died; the task ended; the revoke found no
+    # accessor in the ledger and had nothing to revoke.
+    token = issuer("kv-reader", inst).mint(mint_request(row.id, row.backend_name, inst))
+    for revoke_id in driver.end(task):
+        assert revoke(revoke_id) == "revoked"
+    assert issuer("kv-reader", inst).exists(token.ref)
+
+    report = quiet_sweep()
+    assert report.orphans_revoked == 1, report.detail
+    assert report.detail["orphans"][0]["why"] == "another object of a revoked credential"
+    assert not issuer("kv-reader", inst).exists(token.ref)
+
+
+def test_one_sweep_at_a_time(inst: str, api: TestClient, driver: Driver) -> None:
+    url = os.environ["LEASEHOLD_DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone() == (True,)
+        with session_scope() as session:
+            before = len(session.exec(select(Sweep.id)).all())
+        assert reconcile(trigger="test").skipped
+        answer = api.post("/v1/sweeps", headers=auth(driver.admin_secret))
+        assert answer.status_code == 409 and answer.json()["skipped"] is True
+        with session_scope() as session:
+            assert len(session.exec(select(Sweep.id)).all()) == before  # a skip stores nothing
+        other.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    answer = api.post("/v1/sweeps", headers=auth(driver.admin_secret))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["finished_at"] and body["errors"] == 0
+    assert body["detail"]["trigger"].startswith("api:")
+
+
+def test_sweeps_are_for_admins(api: TestClient, driver: Driver) -> None:
+    from app.api.auth import create_key
+    from app.models import Role
+
+    with session_scope() as session:
+        _, operator = create_key(
+            session, name=f"op-{uuid.uuid4().hex[:6]}", role=Role.operator, tenant="t1"
+        )
+    assert api.get("/v1/sweeps").status_code == 401
+    assert api.post("/v1/sweeps").status_code == 401
+    for secret in (operator,):
+        assert api.get("/v1/sweeps", headers=auth(secret)).status_code == 403
+        assert api.post("/v1/sweeps", headers=auth(secret)).status_code == 403
+    assert api.get("/v1/sweeps/nope", headers=auth(driver.admin_secret)).status_code == 404
+    page = api.get("/v1/sweeps?limit=1", headers=auth(driver.admin_secret)).json()
+    assert len(page["items"]) == 1 and page["next"]
+    more = api.get(
+        f"/v1/sweeps?limit=1&cursor={page['next']}", headers=auth(driver.admin_secret)
+    ).json()
+    assert more["items"][0]["id"] < page["items"][0]["id"]
+
+
+def test_lost_extend_is_redriven(inst: str, driver: Driver) -> None:
+    task = name()
+    cred_id = driver.start(task, {"db": "reports-readonly"}, max_duration=60)["db"]
+    mint(cred_id)
+    # A heartbeat moves the deadline in the ledger; its extend message is lost.
+    assert driver.apply("task.heartbeat", task, {"max_duration": 3000}).to_extend == [cred_id]
+    age([cred_id], "minted_at", 1)
+    with mock.patch("schedules.reconcile.enqueue_extend") as extends:
+        report = quiet_sweep()
+    assert extends.call_args_list == [mock.call([cred_id])], report.detail
+    assert extend(cred_id) == "extended"
+    with mock.patch("schedules.reconcile.enqueue_extend") as extends:
+        quiet_sweep()
+    assert not extends.called
+    for revoke_id in driver.end(task):
+        revoke(revoke_id)
+
+
+def test_temporary_revoke_failures_count_and_show(
+    inst: str, driver: Driver, proxy: TcpProxy
+) -> None:
+    from app.settings import get_settings
+
+    task = name()
+    cred_id = driver.start(task, {"db": "db-proxied"})["db"]
+    assert mint(cred_id) == "active"
+    ref = credential(cred_id).backend_ref
+    driver.end(task)
+    proxy.stop()
+    try:
+        alert_after = get_settings().revoke_alert_after
+        for attempt in range(1, alert_after + 1):
+            with pytest.raises(RevokeFailed) as failed:
+                revoke(cred_id)
+            assert failed.value.attempts == attempt
+    finally:
+        proxy.start()
+    row = credential(cred_id)
+    # What the dashboard, the metrics and Sentry count as failing: still revoking, and
+    # LEASEHOLD_REVOKE_ALERT_AFTER attempts or more.
+    assert row.state == CredState.revoking and row.attempts == alert_after
+    assert row.last_error.startswith("postgres revoke")
+    assert _eventually(lambda: revoke(cred_id) == "revoked")
+    assert not issuer("reports-readonly", inst).exists(ref)
+
+
+def _eventually(check: Any, tries: int = 20) -> bool:
+    import time
+
+    for _ in range(tries):
+        try:
+            if check():
+                return True
+        except RevokeFailed:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def test_permanent_revoke_failure_is_recorded_not_retried(inst: str, driver: Driver) -> None:
+    task = name()
+    cred_id = driver.start(task, {"db": "reports-readonly"})["db"]
+    mint(cred_id)
+    ref = credential(cred_id).backend_ref
+    # The row names an object that is not this installation's: the issuer refuses it for good.
+    url = os.environ["LEASEHOLD_DATABASE_URL"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE credentials SET backend_ref = 'lh_notours_x' WHERE id = %s", (cred_id,)
+        )
+    driver.end(task)
+    assert revoke(cred_id) == "failed"
+    row = credential(cred_id)
+    assert row.state == CredState.failed and row.attempts == 1
+    assert row.last_error.startswith("permanent:")
+    assert audit("revoke_failed", cred_id)
+    assert revoke(cred_id) == "skipped"  # not retried
+    # The backend still shows the real object: the ledger holds it for no running task.
+    report = quiet_sweep()
+    assert any(o["ref"] == ref for o in report.detail.get("orphans", [])), report.detail
+    assert not issuer("reports-readonly", inst).exists(ref)
+
+
+def test_cli_sweep_prints_what_it_found(inst: str) -> None:
+    cred_id = f"cli{uuid.uuid4().hex[:10]}"
+    orphan = issuer("task-cache", inst).mint(
+        mint_request(cred_id, f"lh_{inst[:12]}_{cred_id}", inst)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "sweep"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "orphans revoked  1" in done.stdout, done.stdout
+    assert orphan.ref in done.stdout
+    assert not issuer("task-cache", inst).exists(orphan.ref)
+
+
+def test_beat_runs_the_reconciliation() -> None:
+    import schedules.beat
+    from app.settings import get_settings
+    from workers.celery_app import celery_app
+
+    schedules.beat.install_schedule()
+    entry = celery_app.conf.beat_schedule["reconcile"]
+    assert entry["task"] == "schedules.reconcile.reconcile_task"
+    assert entry["schedule"] == get_settings().reconcile_interval
