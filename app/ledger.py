@@ -6,7 +6,6 @@ and enqueues worker jobs (ids only) after its commit.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -102,6 +101,35 @@ def audit(
             detail=detail,
         )
     )
+
+
+def audit_credential(
+    session: Session,
+    cred: Credential | str,
+    action: str,
+    *,
+    actor: str,
+    now: datetime,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> Credential:
+    """An audit entry about one credential (given or loaded by id); returns it."""
+    if isinstance(cred, str):
+        loaded = session.get(Credential, cred)
+        assert loaded is not None
+        cred = loaded
+    audit(
+        session,
+        action,
+        actor=actor,
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred.id,
+        reason=reason,
+        detail=detail,
+        now=now,
+    )
+    return cred
 
 
 def backend_name(installation_id: str, credential_id: str) -> str:
@@ -495,17 +523,7 @@ def activate(
         )
     ).rowcount
     if done:
-        cred = session.get(Credential, cred_id)
-        assert cred is not None
-        audit(
-            session,
-            "minted",
-            actor="system",
-            tenant=cred.tenant,
-            task_id=cred.task_id,
-            credential_id=cred_id,
-            now=now,
-        )
+        audit_credential(session, cred_id, "minted", actor="system", now=now)
     else:  # keep the ref so the revoke knows what to remove
         session.execute(
             update(Credential)
@@ -522,17 +540,8 @@ def mark_mint_failed(session: Session, cred_id: str, error: str, *, now: datetim
         .values(state=CredState.failed, last_error=error[:2000], updated_at=now)
     ).rowcount
     if done:
-        cred = session.get(Credential, cred_id)
-        assert cred is not None
-        audit(
-            session,
-            "mint_failed",
-            actor="system",
-            tenant=cred.tenant,
-            task_id=cred.task_id,
-            credential_id=cred_id,
-            detail=error[:500],
-            now=now,
+        audit_credential(
+            session, cred_id, "mint_failed", actor="system", detail=error[:500], now=now
         )
     return bool(done)
 
@@ -568,16 +577,7 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
         return None
     cred = session.get(Credential, cred_id)
     assert cred is not None
-    audit(
-        session,
-        "revoked",
-        actor="system",
-        tenant=cred.tenant,
-        task_id=cred.task_id,
-        credential_id=cred_id,
-        reason=cred.revoke_reason,
-        now=now,
-    )
+    audit_credential(session, cred, "revoked", actor="system", reason=cred.revoke_reason, now=now)
     return cred
 
 
@@ -600,28 +600,18 @@ def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime
     ).rowcount
     if not done:
         return None
-    audit(
-        session,
-        "claimed",
-        actor=actor,
-        tenant=cred.tenant,
-        task_id=cred.task_id,
-        credential_id=cred.id,
-        now=now,
-    )
+    audit_credential(session, cred, "claimed", actor=actor, now=now)
     return sealed
 
 
 def record_second_claim(session: Session, cred: Credential, *, actor: str, now: datetime) -> None:
-    audit(
+    audit_credential(
         session,
+        cred,
         "second_claim",
         actor=actor,
-        tenant=cred.tenant,
-        task_id=cred.task_id,
-        credential_id=cred.id,
-        detail="claim of an already claimed credential",
         now=now,
+        detail="claim of an already claimed credential",
     )
 
 
@@ -655,11 +645,6 @@ def touch(session: Session, cred_ids: list[str], *, now: datetime) -> None:
         )
 
 
-def describe_error(exc: BaseException) -> str:
-    """A safe one-line description for last_error (issuers' messages are secret-free)."""
-    return json.dumps({"type": type(exc).__name__, "message": str(exc)[:500]})
-
-
 def revoke_gave_up(
     session: Session, cred_id: str, error: str, *, now: datetime
 ) -> Credential | None:
@@ -682,13 +667,11 @@ def revoke_gave_up(
         return None
     cred = session.get(Credential, cred_id)
     assert cred is not None
-    audit(
+    audit_credential(
         session,
+        cred,
         "revoke_failed",
         actor="system",
-        tenant=cred.tenant,
-        task_id=cred.task_id,
-        credential_id=cred_id,
         reason=cred.revoke_reason,
         detail=error[:500],
         now=now,
@@ -796,15 +779,11 @@ def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime)
         )
     ).rowcount
     if done:
-        cred = session.get(Credential, cred_id)
-        assert cred is not None
-        audit(
+        audit_credential(
             session,
+            cred_id,
             "vanished",
             actor="reconcile",
-            tenant=cred.tenant,
-            task_id=cred.task_id,
-            credential_id=cred_id,
             reason="orphan",
             detail=detail[:500],
             now=now,
