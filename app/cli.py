@@ -268,7 +268,9 @@ def status() -> None:
 @cli.command()
 def sweep() -> None:
     """Run the reconciliation once (after the deadline sweep), and print what it found."""
-    settings()
+    from app.logs import configure_logging
+
+    configure_logging(settings())
     from schedules.reconcile import reconcile, render_report
     from schedules.sweep import sweep_deadlines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from app.settings import Settings, get_settings
+from app.settings import EMBEDDED_OPENBAO_FILE, Settings, get_settings
 
 SAMPLE_PROFILES = Path(__file__).parent / "sample" / "profiles.toml"
 
@@ -74,12 +75,21 @@ def run_everything(settings: Settings, *, host: str, port: int) -> int:
     from app.openbao_dev import seed_demo, start_dev_server
 
     settings.home.mkdir(parents=True, exist_ok=True)
+    # Ctrl-C and SIGTERM stop everything, also when started where SIGINT was ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     bao = None
-    if not settings.vault_addr:
+    found = settings.home / EMBEDDED_OPENBAO_FILE
+    if not settings.vault_addr or settings.embedded_vault:
         bao = start_dev_server(log_path=settings.home / "openbao.log")
         seed_demo(bao.addr, bao.token)
         os.environ["LEASEHOLD_VAULT_ADDR"] = bao.addr
         os.environ["LEASEHOLD_VAULT_TOKEN"] = bao.token
+        # Other commands on this machine (`leasehold sweep`, ...) find it here.
+        found.unlink(missing_ok=True)
+        fd = os.open(found, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"addr": bao.addr, "token": bao.token}, fh)
         get_settings.cache_clear()
         _say(f"OpenBao dev server at {bao.addr} (in memory, gone at exit)")
     if not settings.profiles_file.exists():
@@ -106,7 +116,6 @@ def run_everything(settings: Settings, *, host: str, port: int) -> int:
         else:
             _say("keys exist already; make more with `leasehold keys create`")
         _say("Ctrl-C stops everything.")
-        signal.signal(signal.SIGTERM, _interrupt)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         _say("leasehold: a process stopped; stopping the rest")
@@ -118,3 +127,4 @@ def run_everything(settings: Settings, *, host: str, port: int) -> int:
         _stop(procs)
         if bao is not None:
             bao.stop()
+            found.unlink(missing_ok=True)

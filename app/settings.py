@@ -6,18 +6,22 @@ calling `get_settings.cache_clear()`.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, computed_field, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_OPENBAO_FILE = "openbao-dev.json"  # address and root token of `up`'s dev server
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEASEHOLD_", extra="ignore")
+    _embedded_vault: bool = PrivateAttr(default=False)
 
     env: Literal["local", "production"] = "local"
     home: Path = Path("./.leasehold")  # embedded defaults live here
@@ -48,6 +52,25 @@ class Settings(BaseSettings):
     url: str = "http://127.0.0.1:8700"
     key: SecretStr | None = None
     backend_timeout: float = Field(5.0, gt=0)  # every external call is bounded
+
+    @model_validator(mode="after")
+    def _embedded_openbao(self) -> Settings:
+        """Locally, find the OpenBao dev server that `leasehold up` started, so other
+        commands (`leasehold sweep`, a second worker) reach it too."""
+        self._embedded_vault = False
+        if self.env == "local" and self.vault_addr is None:
+            try:
+                found = json.loads((self.home / EMBEDDED_OPENBAO_FILE).read_text())
+            except (OSError, ValueError):
+                return self
+            self.vault_addr, self.vault_token = found["addr"], SecretStr(found["token"])
+            self._embedded_vault = True
+        return self
+
+    @property
+    def embedded_vault(self) -> bool:
+        """True when Vault settings came from `leasehold up`'s dev server, not the environment."""
+        return self._embedded_vault
 
     @model_validator(mode="after")
     def _refuse_embedded_in_production(self) -> Settings:
