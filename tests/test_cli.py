@@ -376,6 +376,13 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
 
         wait_until(revoked, timeout=5, interval=0.1)
 
+        # Another command in the same directory finds the embedded OpenBao too.
+        swept = subprocess.run(
+            [*command, "sweep"], cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert swept.returncode == 0, swept.stdout + swept.stderr
+        assert "errors           0" in swept.stdout
+
         # Ctrl-C stops everything, children included.
         proc.send_signal(signal.SIGINT)
         try:
@@ -385,6 +392,7 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
         assert code == 0, logs()
         markers = [f"--port {port}", bao_addr.rsplit("//", 1)[1], str(work)]
         wait_until(lambda: not _leftovers(work, markers, children), timeout=3, interval=0.1)
+        assert not (work / ".leasehold" / "openbao-dev.json").exists()
         passed = True
     finally:
         if proc.poll() is None:
