@@ -489,15 +489,18 @@ def begin_mint(session: Session, cred_id: str, *, now: datetime) -> None:
     flight" to the reconciliation and the re-drive. A row locked by another
     transaction (an ending task) is skipped, not waited for: the activation's
     compare-and-set settles that race."""
-    query = (
+    unlocked = (
         select(Credential.id)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
         .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
-    if session.exec(query).first() is not None:
-        session.execute(
-            update(Credential).where(col(Credential.id) == cred_id).values(updated_at=now)
-        )
+    session.execute(
+        update(Credential)
+        .where(col(Credential.id) == unlocked)
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def activate(
@@ -521,9 +524,18 @@ def activate(
             minted_at=now,
             updated_at=now,
         )
-    ).rowcount
+        .returning(Credential.tenant, Credential.task_id)
+    ).first()
     if done:
-        audit_credential(session, cred_id, "minted", actor="system", now=now)
+        audit(
+            session,
+            "minted",
+            actor="system",
+            tenant=done.tenant,
+            task_id=done.task_id,
+            credential_id=cred_id,
+            now=now,
+        )
     else:  # keep the ref so the revoke knows what to remove
         session.execute(
             update(Credential)
@@ -562,7 +574,7 @@ def revoke_failed(session: Session, cred_id: str, error: str, *, now: datetime) 
 
 def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
     """Revoking -> revoked, the secret destroyed; None if it was not revoking."""
-    done = session.execute(
+    cred = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
         .values(
@@ -572,11 +584,10 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
             last_error=None,
             updated_at=now,
         )
-    ).rowcount
-    if not done:
+        .returning(Credential)
+    ).scalar_one_or_none()
+    if cred is None:
         return None
-    cred = session.get(Credential, cred_id)
-    assert cred is not None
     audit_credential(session, cred, "revoked", actor="system", reason=cred.revoke_reason, now=now)
     return cred
 

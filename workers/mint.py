@@ -30,7 +30,7 @@ def mint(credential_id: str) -> str:
         req = MintRequest(
             credential_id=cred.id,
             name=cred.backend_name,
-            installation_id=installation_id(session),
+            installation_id=installation_id(),
             tenant=cred.tenant,
             task_id=task.name,
             task_digest=sealing.task_digest(cred.tenant, task.name),
