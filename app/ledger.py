@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import delete, func, or_, update
 from sqlmodel import Session, col, select
 
 from app.models import (
@@ -847,3 +847,40 @@ def finish_sweep(
         .values(finished_at=now, detail=detail, **counts)
     )
     return session.get(Sweep, sweep_id)
+
+
+# --- retention -----------------------------------------------------------------
+
+SETTLED = (CredState.revoked, CredState.denied, CredState.failed)
+
+
+def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int, int]:
+    """Delete tasks that ended before `before` and whose credentials hold nothing
+    any more, with those credentials; returns (tasks, credentials) deleted.
+    The audit trail is kept."""
+    unsettled = (
+        select(Credential.id)
+        .where(Credential.task_id == Task.id, col(Credential.state).not_in(SETTLED))
+        .exists()
+    )
+    ids = list(
+        session.exec(
+            select(Task.id)
+            .where(col(Task.ended_at) < before, Task.state != TaskState.running, ~unsettled)
+            .order_by(col(Task.ended_at))
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return 0, 0
+    creds = session.execute(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
+    session.execute(delete(Task).where(col(Task.id).in_(ids)))
+    return len(ids), creds
+
+
+def purge_events(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete events received before `before` (their idempotency window is over)."""
+    ids = list(session.exec(select(Event.id).where(col(Event.received_at) < before).limit(limit)))
+    if ids:
+        session.execute(delete(Event).where(col(Event.id).in_(ids)))
+    return len(ids)

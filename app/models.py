@@ -98,6 +98,8 @@ class Task(SQLModel, table=True):
         # The deadline sweep reads only running tasks due now.
         Index("ix_tasks_state_deadline", "state", "deadline"),
         Index("ix_tasks_parent", "parent_id"),
+        # The retention purge reads ended tasks by age.
+        Index("ix_tasks_ended", "ended_at"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -173,6 +175,8 @@ class AuditEntry(SQLModel, table=True):
     __table_args__ = (
         Index("ix_audit_task", "task_id"),
         Index("ix_audit_credential", "credential_id"),
+        # The dashboard's interceptions panel reads entries by action and time.
+        Index("ix_audit_action_at", "action", "at"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)

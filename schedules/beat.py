@@ -21,6 +21,11 @@ def install_schedule() -> None:
             "schedule": settings.reconcile_interval,
             "options": {"queue": REVOKE_QUEUE, "expires": settings.reconcile_interval},
         },
+        "retention": {
+            "task": "schedules.retention.purge_task",
+            "schedule": 3600.0,
+            "options": {"queue": REVOKE_QUEUE, "expires": 3600.0},
+        },
         "renew-vault-token": {
             "task": "schedules.sweep.renew_vault_token_task",
             "schedule": 60.0,

@@ -54,7 +54,13 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.home / "beat-schedule").resolve()),
-        include=["workers.mint", "workers.revoke", "schedules.sweep", "schedules.reconcile"],
+        include=[
+            "workers.mint",
+            "workers.revoke",
+            "schedules.sweep",
+            "schedules.reconcile",
+            "schedules.retention",
+        ],
     )
 
 
