@@ -28,6 +28,16 @@ from tests.conftest import DATA_DB, HOME, LEDGER_DB, PROFILES, REDIS_URL, ROOT, 
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
+# A postgres profile reached through a TcpProxy, so tests can cut the backend.
+PROXIED = """
+[profiles.db-proxied]
+issuer = "postgres"
+dsn = "postgresql://postgres@127.0.0.1:{port}/{data_db}"
+grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}"]
+max_ttl = 3600
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

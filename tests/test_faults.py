@@ -31,6 +31,7 @@ import redis
 from tests.conftest import DATA_DB, HOME, REDIS_URL, ROOT, wait_until
 from tests.helpers import auth, credentials_of, event, started, states, task_path, unique
 from tests.isolated import (
+    PROXIED,
     TcpProxy,
     create_ledger,
     drop_ledger,
@@ -47,13 +48,6 @@ from tests.isolated import (
     write_profiles,
 )
 
-PROXIED = """
-[profiles.db-proxied]
-issuer = "postgres"
-dsn = "postgresql://postgres@127.0.0.1:{port}/{data_db}"
-grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}"]
-max_ttl = 3600
-"""
 POSTGRES = ("reports-readonly", "short-lived", "db-proxied")
 
 

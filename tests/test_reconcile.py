@@ -24,6 +24,7 @@ from schedules.reconcile import LOCK_KEY, reconcile
 from tests.conftest import DATA_DB, ROOT
 from tests.helpers import auth
 from tests.isolated import (
+    PROXIED,
     Driver,
     TcpProxy,
     credential,
@@ -34,14 +35,6 @@ from tests.isolated import (
 )
 from workers.mint import extend, mint
 from workers.revoke import RevokeFailed, revoke
-
-PROXIED = """
-[profiles.db-proxied]
-issuer = "postgres"
-dsn = "postgresql://postgres@127.0.0.1:{port}/{data_db}"
-grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}"]
-max_ttl = 3600
-"""
 
 
 @pytest.fixture(scope="module")
