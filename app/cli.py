@@ -129,6 +129,7 @@ def keys_revoke(name: str) -> None:
 def api(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+    workers: Annotated[int, typer.Option(help="API processes", min=1)] = 1,
 ) -> None:
     """The HTTP API."""
     settings()
@@ -142,6 +143,7 @@ def api(
         port=port,
         log_level="warning",
         access_log=False,
+        workers=workers,
     )
 
 

@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes")
     parser.add_argument("--steady", type=int, default=100, help="tasks for the 20/s phase")
     args = parser.parse_args()
 
