@@ -14,6 +14,7 @@ COPY workers ./workers
 COPY schedules ./schedules
 RUN pip install . \
     && useradd --system --home-dir /var/lib/leasehold --create-home leasehold \
+    && install -d -o leasehold /var/lib/leasehold/metrics \
     && rm -rf /src
 
 # Leasehold's working files (beat's schedule) live here; configuration comes
