@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -23,8 +22,6 @@ db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
-
-SAMPLE_PROFILES = Path(__file__).parent / "sample" / "profiles.toml"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

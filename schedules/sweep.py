@@ -51,18 +51,9 @@ def redrive_stuck(after: timedelta = REDRIVE_AFTER) -> tuple[int, int]:
     return mints, revokes
 
 
-def redrive(after: timedelta = REDRIVE_AFTER) -> int:
-    return sum(redrive_stuck(after))
-
-
 @celery_app.task(name="schedules.sweep.sweep_deadlines_task", ignore_result=True)
 def sweep_deadlines_task() -> int:
     return sweep_deadlines()
-
-
-@celery_app.task(name="schedules.sweep.redrive_task", ignore_result=True)
-def redrive_task() -> int:
-    return redrive()
 
 
 @celery_app.task(name="schedules.sweep.renew_vault_token_task", ignore_result=True)

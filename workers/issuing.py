@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from sqlmodel import Session
-
 from app import ledger
 from app.issuers import get_issuer
 from app.issuers.base import Issuer, PermanentIssuerError
@@ -22,9 +20,8 @@ def _installation_id_cached(url: str) -> str:
         return ledger.installation(session).id
 
 
-def installation_id(session: Session | None = None) -> str:
-    if session is not None:
-        return ledger.installation(session).id
+def installation_id() -> str:
+    """This ledger's installation id, read once per process."""
     return _installation_id_cached(get_settings().sqlalchemy_url)
 
 
