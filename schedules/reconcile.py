@@ -344,6 +344,11 @@ def _judge(
         )
         return
     if row.state == CredState.revoking:
+        if not same:
+            # A mint that never recorded its object (a Vault token from a killed worker),
+            # then the task ended: the credential's revoke has no ref and cannot find it.
+            _revoke_orphan(report, backend, issuer, obj, cred_id, row, "its task has ended")
+            return
         report.bump("revoking")  # its revoke is under way (and re-driven if stuck)
         return
     # pending or active

@@ -10,6 +10,7 @@ order, twice, never, or kills the worker between mint and record.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,7 +19,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from sqlmodel import func, select
 
@@ -145,12 +146,32 @@ def exists(cred: Credential, inst: str) -> bool:
     return ref is not None and issuer(cred.profile, inst).exists(ref)
 
 
+# CI must give the same answer on every fresh clone: the examples come from a fixed
+# derivation of the test's name (derandomize), none are read from a database, and in CI
+# a failure is reported as found instead of shrinking for minutes.
+PHASES = (Phase.explicit, Phase.generate) if os.environ.get("CI") else tuple(Phase)
+
+# Found in CI: the kv mint crashed after minting (the token exists, the row never
+# recorded it), the task ended, and the revoke message was lost. The revoking row has
+# no ref, so its revoke cannot find the token: the sweep must revoke it as an orphan.
+CRASHED_MINT_THEN_END = [
+    ("start", 0, False),
+    ("crash", 0, None),
+    ("crash", 0, None),
+    ("end", 0, "task.succeeded"),
+    ("crash", 0, None),
+]
+
+
 @settings(
     max_examples=25,
     deadline=None,
     database=None,
+    derandomize=True,
+    phases=PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+@example(plan=CRASHED_MINT_THEN_END)
 @given(plan=steps)
 def test_any_order_converges_after_one_sweep(
     world: tuple[str, Driver], plan: list[tuple[str, int, Any]]
