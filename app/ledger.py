@@ -232,6 +232,17 @@ def apply_event(
             data=event.data,
         )
     )
+    # Every event received is in the audit trail too, so one listing tells a task's story.
+    audit(
+        session,
+        "event",
+        actor=key.name,
+        tenant=tenant,
+        task_id=result.task.id,
+        reason=event.type.removeprefix("task."),
+        detail=f"{event.source} {event.id}",
+        now=now,
+    )
     return result
 
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app import __version__, notify, startup
-from app.api import credentials, dashboard, errors, events, metrics, sweeps, tasks
+from app.api import audit, credentials, dashboard, errors, events, metrics, sweeps, tasks
 from app.api.schemas import ApiJSON
 from app.db import session_scope
 from app.errors_reporting import init_sentry
@@ -50,6 +50,7 @@ def create_app() -> FastAPI:
     app.include_router(credentials.router)
     app.include_router(tasks.router)
     app.include_router(sweeps.router)
+    app.include_router(audit.router)
     app.include_router(metrics.router)
     dashboard.install(app)
 
