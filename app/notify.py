@@ -21,6 +21,7 @@ from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
 _clients: dict[int, redis.Redis] = {}
+LISTENER_NAME = "leasehold-notify"  # CLIENT LIST shows the API's subscription by this name
 
 
 def _channel() -> str:
@@ -69,8 +70,9 @@ class Waiters:
 
     async def _listen(self, url: str) -> None:
         while True:
+            # One client per attempt, closed with it: a reconnect leaks no connection pool.
+            client = aioredis.Redis.from_url(url, client_name=LISTENER_NAME)
             try:
-                client = aioredis.Redis.from_url(url)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(_channel())
                     async for message in pubsub.listen():
@@ -81,6 +83,9 @@ class Waiters:
             except Exception as exc:  # reconnect; waiters still poll meanwhile
                 logger.warning("notification listener: %s", type(exc).__name__)
                 await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def _wake(self, credential_id: str) -> None:
         for event in self._events.get(credential_id, ()):
