@@ -21,7 +21,11 @@ from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
 _clients: dict[int, redis.Redis] = {}
-LISTENER_NAME = "leasehold-notify"  # CLIENT LIST shows the API's subscription by this name
+
+
+def listener_name() -> str:
+    """The API process's subscription as CLIENT LIST shows it."""
+    return f"leasehold-notify-{os.getpid()}"
 
 
 def _channel() -> str:
@@ -71,7 +75,7 @@ class Waiters:
     async def _listen(self, url: str) -> None:
         while True:
             # One client per attempt, closed with it: a reconnect leaks no connection pool.
-            client = aioredis.Redis.from_url(url, client_name=LISTENER_NAME)
+            client = aioredis.Redis.from_url(url, client_name=listener_name())
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(_channel())
