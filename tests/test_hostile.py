@@ -20,10 +20,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlmodel import col, select
 
+from app import ledger
 from app.api.credentials import MAX_WAITERS, MAX_WAITERS_PER_TOKEN
+from app.db import session_scope
+from app.models import LIVE_CRED_STATES, Credential, utcnow
 from tests.conftest import DATA_DB, HOME, PROFILES, REDIS_URL, ROOT, stop_process, wait_until
 from tests.helpers import auth, claim_url, event, started, states, task_path, unique
+from workers.celery_app import enqueue_revoke
 
 MiB = 1024 * 1024
 # Profiles only this API process knows. With approval = true nothing is ever minted, so
@@ -88,8 +93,31 @@ def api(worker: Path, installation_id: str) -> Iterator[Api]:
             return False
 
     wait_until(healthy, timeout=30, interval=0.2)
-    yield server
-    stop_process(proc)
+    try:
+        yield server
+    finally:
+        stop_process(proc)
+        _revoke_leftovers()
+
+
+def _revoke_leftovers() -> None:
+    """Even after a failure, leave no live credential of a profile only this API knew
+    (a later API's startup check would refuse to start over it)."""
+    with session_scope() as session:
+        ids = session.exec(
+            select(Credential.id).where(
+                col(Credential.profile).in_(("needs-approval", "soon-retired")),
+                col(Credential.state).in_(LIVE_CRED_STATES),
+            )
+        ).all()
+        revoking = [
+            i
+            for cred_id in ids
+            for i in ledger.request_revoke(
+                session, credential_id=cred_id, reason="manual", actor="pytest", now=utcnow()
+            )
+        ]
+    enqueue_revoke(revoking)
 
 
 def post_event(api: Api, key: str, body: Any) -> httpx.Response:
