@@ -137,7 +137,9 @@ async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MA
     if status == 409 and wait > 0:
         with slots.take(task_pk) as admitted:
             if admitted:
-                status, body = await _wait_for_claim(task_pk, task_name, tenant, grant, deadline)
+                status, body = await _wait_for_claim(
+                    task_pk, task_name, tenant, grant, deadline, (status, body)
+                )
     headers = {"Cache-Control": "no-store"}
     if status == 409:
         headers["Retry-After"] = "1"
@@ -145,9 +147,14 @@ async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MA
 
 
 async def _wait_for_claim(
-    task_pk: str, task_name: str, tenant: str, grant: str, deadline: float
+    task_pk: str,
+    task_name: str,
+    tenant: str,
+    grant: str,
+    deadline: float,
+    last: tuple[int, dict[str, Any]],
 ) -> tuple[int, dict[str, Any]]:
-    status, body = 409, {}
+    status, body = last
     cred_id = await _recheck(_cred_id, task_pk, grant)
     with notify.waiters.watch(cred_id or "") as woken:
         while (remaining := deadline - time.monotonic()) > 0:
