@@ -24,8 +24,16 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
 
 
+def echo(text: str, *, err: bool = False) -> None:
+    """All CLI output: what emitters wrote (task ids, workloads) may hold escape
+    sequences, shown as text instead of reaching the operator's terminal."""
+    from app.status import printable
+
+    typer.echo(printable(text, keep="\n\t"), err=err)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"leasehold: {message}", err=True)
+    echo(f"leasehold: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -59,7 +67,7 @@ def db_upgrade() -> None:
     from app.migrate import upgrade
 
     upgrade()
-    typer.echo("ledger is up to date")
+    echo("ledger is up to date")
 
 
 @keys_cli.command("create")
@@ -82,7 +90,7 @@ def keys_create(
         raise fail(str(exc)) from None
     except IntegrityError:
         raise fail(f"a key named {name!r} exists") from None
-    typer.echo(secret)
+    echo(secret)
 
 
 @keys_cli.command("list")
@@ -96,10 +104,10 @@ def keys_list() -> None:
 
     with session_scope() as session:
         rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
-        typer.echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} STATUS")
+        echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} STATUS")
         for k in rows:
             status = "retired" if k.revoked_at else "active"
-            typer.echo(
+            echo(
                 f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
                 f"{k.created_at:%Y-%m-%d %H:%M:%S} {status}"
             )
@@ -119,7 +127,7 @@ def keys_revoke(name: str) -> None:
         if key is None:
             raise fail(f"no key named {name!r}")
         key.revoked_at = key.revoked_at or utcnow()
-    typer.echo(f"key {name!r} retired")
+    echo(f"key {name!r} retired")
 
 
 @cli.command()
@@ -248,7 +256,7 @@ def emit(
         )
     except httpx.HTTPError as exc:
         raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
-    typer.echo(json.dumps(answer.json(), indent=2))
+    echo(json.dumps(answer.json(), indent=2))
     if answer.status_code >= 400:
         raise typer.Exit(1)
 
@@ -261,7 +269,7 @@ def status() -> None:
     from app.status import render_status
 
     with session_scope() as session:
-        typer.echo(render_status(session))
+        echo(render_status(session))
 
 
 @cli.command()
@@ -273,9 +281,9 @@ def sweep() -> None:
     from schedules.reconcile import reconcile, render_report
     from schedules.sweep import sweep_deadlines
 
-    typer.echo(f"timed out: {sweep_deadlines()} credential revocations requested")
+    echo(f"timed out: {sweep_deadlines()} credential revocations requested")
     report = reconcile(trigger="cli")
-    typer.echo(render_report(report))
+    echo(render_report(report))
     if report.errors:
         raise typer.Exit(1)
 

@@ -6,6 +6,7 @@ and enqueues worker jobs (ids only) after its commit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -166,8 +167,12 @@ def apply_event(
     installation_id: str,
     retention_days: int,
     now: datetime | None = None,
+    check: Callable[[], None] | None = None,
 ) -> EventResult:
-    """Store one event and apply its transition; raise LedgerError to refuse it."""
+    """Store one event and apply its transition; raise LedgerError to refuse it.
+
+    `check` runs only for an event not seen before, so a retried event is a
+    duplicate even when what it names (e.g. a profile) has changed since."""
     now = now or utcnow()
     tenant = key.tenant or ""
     seen = session.exec(
@@ -179,11 +184,17 @@ def apply_event(
     if task is not None and task.owner_key_id != key.id:
         raise LedgerError(403, "this task belongs to another emitter key")
     if seen is not None:
-        if seen.body_hash != event.body_hash:
-            raise LedgerError(409, "an event with this source and id but another body exists")
+        # The same event when type, subject and data agree (PRODUCT.md); compared as
+        # stored, so rows written before the identity hash changed still match.
+        if (seen.type, seen.subject, seen.data) != (event.type, event.subject, event.data):
+            raise LedgerError(
+                409, "an event with this source and id but another type, subject or data exists"
+            )
         if task is None:  # e.g. a refused heartbeat's key reused: nothing to show
             raise LedgerError(409, "event already seen")
         return EventResult(task=task, duplicate=True)
+    if check is not None:
+        check()
 
     result: EventResult
     if event.type == "task.started":

@@ -91,6 +91,19 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = _ts()
 
 
+class DashboardSession(SQLModel, table=True):
+    """A signed-in dashboard session; the cookie is valid only while its row is open."""
+
+    __tablename__ = "dashboard_sessions"
+    __table_args__ = (Index("ix_dashboard_sessions_expires", "expires_at"),)
+
+    id: str = Field(primary_key=True, max_length=64)  # SHA-256 of the cookie's nonce
+    key_id: str = Field(max_length=32)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = _ts(nullable=False)
+    ended_at: datetime | None = _ts()
+
+
 class Task(SQLModel, table=True):
     __tablename__ = "tasks"
     __table_args__ = (

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 _clients: dict[int, redis.Redis] = {}
 
 
+def listener_name() -> str:
+    """The API process's subscription as CLIENT LIST shows it."""
+    return f"leasehold-notify-{os.getpid()}"
+
+
 def _channel() -> str:
     return f"{get_settings().broker_key_prefix}leasehold:credentials"
 
@@ -69,8 +74,9 @@ class Waiters:
 
     async def _listen(self, url: str) -> None:
         while True:
+            # One client per attempt, closed with it: a reconnect leaks no connection pool.
+            client = aioredis.Redis.from_url(url, client_name=listener_name())
             try:
-                client = aioredis.Redis.from_url(url)
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(_channel())
                     async for message in pubsub.listen():
@@ -81,6 +87,9 @@ class Waiters:
             except Exception as exc:  # reconnect; waiters still poll meanwhile
                 logger.warning("notification listener: %s", type(exc).__name__)
                 await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def _wake(self, credential_id: str) -> None:
         for event in self._events.get(credential_id, ()):

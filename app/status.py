@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from sqlmodel import Session
 
 from app import overview
 from app.models import utcnow
 from app.settings import get_settings
+
+# Controls, format characters (bidi overrides, zero-width) and separators: nothing an
+# emitter writes may move the cursor, recolour or retitle an operator's terminal.
+_UNSAFE = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """`text` with every control or format character shown as an escape (\\x1b, \\u202e);
+    characters in `keep` (say, a newline in multi-line output) stay."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in keep or unicodedata.category(ch) not in _UNSAFE:
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
 
 
 def render_status(session: Session, *, limit: int = 50, tenant: str | None = None) -> str:
@@ -40,8 +61,9 @@ def render_status(session: Session, *, limit: int = 50, tenant: str | None = Non
     for r in rows:
         age = overview.ago(now - r.minted_at) if r.minted_at else "-"
         left = overview.ago(r.deadline - now) if r.deadline else "-"
+        task, grant, profile = printable(r.task), printable(r.grant), printable(r.profile)
         lines.append(
-            f"{r.task[:40]:40} {r.grant[:12]:12} {r.profile[:20]:20} "
-            f"{r.issuer:13} {age:>6} {left:>6}  {r.workload or '-'}"
+            f"{task[:40]:40} {grant[:12]:12} {profile[:20]:20} "
+            f"{printable(r.issuer):13} {age:>6} {left:>6}  {printable(r.workload or '-')}"
         )
     return "\n".join(lines)

@@ -384,6 +384,29 @@ def test_forged_expired_and_retired_sessions_are_refused(
     assert web.get("/dashboard").headers["location"] == "/dashboard/login"
 
 
+def test_signing_out_ends_the_session_on_the_server(web: TestClient, keys: dict[str, str]) -> None:
+    csrf = sign_in(web, keys["operator"])
+    copied = web.cookies[COOKIE]
+    thief = TestClient(web.app, base_url="http://testserver", follow_redirects=False)
+    thief.cookies.set(COOKIE, copied, path="/dashboard")
+    assert thief.get("/dashboard/live").status_code == 200
+    out = web.post("/dashboard/logout", data={"csrf": csrf})
+    assert out.status_code == 303 and COOKIE not in web.cookies
+    # The copied cookie is still well signed and unexpired, and no longer works.
+    assert thief.get("/dashboard/live").status_code == 401
+    assert thief.get("/dashboard").headers["location"] == "/dashboard/login"
+    assert thief.post("/dashboard/logout", data={"csrf": csrf}).status_code == 403
+    # A cookie signed with the right key but never opened here does not work either.
+    with session_scope() as session:
+        key_id = session.exec(
+            select(ApiKey.id).where(ApiKey.name.startswith("operator-"), ApiKey.tenant == "t1")
+        ).first()
+    assert key_id is not None
+    thief.cookies.set(COOKIE, new_session(key_id), path="/dashboard")
+    assert thief.get("/dashboard/live").status_code == 401
+    thief.close()
+
+
 def test_revoke_needs_the_sessions_csrf_token_and_the_tenant(
     web: TestClient, app_client: TestClient, keys: dict[str, str]
 ) -> None:

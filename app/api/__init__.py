@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app import __version__, notify, startup
-from app.api import audit, credentials, dashboard, errors, events, metrics, sweeps, tasks
+from app.api import audit, credentials, dashboard, errors, events, limits, metrics, sweeps, tasks
 from app.api.schemas import ApiJSON
 from app.db import session_scope
 from app.errors_reporting import init_sentry
@@ -46,6 +46,7 @@ def create_app() -> FastAPI:
         default_response_class=ApiJSON,
     )
     errors.install(app)
+    limits.install(app)
     app.include_router(events.router)
     app.include_router(credentials.router)
     app.include_router(tasks.router)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
@@ -14,15 +19,62 @@ from app.api.auth import OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.pages import page
 from app.api.paths import raw_segment
-from app.api.schemas import ApiJSON, credential_view
+from app.api.schemas import MAX_GRANTS, ApiJSON, credential_view
 from app.db import SessionDep, get_engine
 from app.models import Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
 from workers.celery_app import enqueue_revoke
 
+T = TypeVar("T")
 router = APIRouter(tags=["credentials"])
 MAX_WAIT = 30.0
 WAITING = (CredState.pending, CredState.awaiting_approval)
+# ?wait= long-polls hold no thread, but each re-checks the ledger: bound how many wait
+# (one per grant of a token, a few hundred per process; over it: 409 at once) and
+# how many threads and pool connections their re-checks may take, so a flood of
+# waiters leaves the thread pool and the ledger to everyone else's events.
+MAX_WAITERS_PER_TOKEN = MAX_GRANTS
+MAX_WAITERS = 256
+RECHECK_THREADS = 4
+
+
+class WaitSlots:
+    """Counts of waiting claims, per claim token and per process (one event loop)."""
+
+    def __init__(self, per_token: int, total: int) -> None:
+        self.per_token, self.total = per_token, total
+        self.by_token: dict[str, int] = {}
+        self.waiting = 0
+
+    @contextlib.contextmanager
+    def take(self, token: str) -> Iterator[bool]:
+        held = self.by_token.get(token, 0)
+        if held >= self.per_token or self.waiting >= self.total:
+            yield False
+            return
+        self.by_token[token] = held + 1
+        self.waiting += 1
+        try:
+            yield True
+        finally:
+            self.waiting -= 1
+            left = self.by_token[token] - 1
+            if left:
+                self.by_token[token] = left
+            else:
+                del self.by_token[token]
+
+
+slots = WaitSlots(MAX_WAITERS_PER_TOKEN, MAX_WAITERS)
+_recheck_limiter: anyio.CapacityLimiter | None = None
+
+
+async def _recheck(func: Callable[..., T], *args: Any) -> T:
+    """Run a waiter's ledger read on its own few threads, never the shared pool's."""
+    global _recheck_limiter
+    if _recheck_limiter is None:
+        _recheck_limiter = anyio.CapacityLimiter(RECHECK_THREADS)
+    return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=_recheck_limiter)
 
 
 def _latest(session: Session, task_pk: str, grant: str) -> Credential | None:
@@ -83,18 +135,34 @@ async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MA
     deadline = time.monotonic() + wait
     status, body = await run_in_threadpool(_try_claim, task_pk, task_name, tenant, grant)
     if status == 409 and wait > 0:
-        cred_id = await run_in_threadpool(_cred_id, task_pk, grant)
-        with notify.waiters.watch(cred_id or "") as woken:
-            while status == 409 and (remaining := deadline - time.monotonic()) > 0:
-                status, body = await run_in_threadpool(
-                    _try_claim, task_pk, task_name, tenant, grant
+        with slots.take(task_pk) as admitted:
+            if admitted:
+                status, body = await _wait_for_claim(
+                    task_pk, task_name, tenant, grant, deadline, (status, body)
                 )
-                if status == 409:
-                    await notify.waiters.wait(woken, remaining)
     headers = {"Cache-Control": "no-store"}
     if status == 409:
         headers["Retry-After"] = "1"
     return ApiJSON(body, status_code=status, headers=headers)
+
+
+async def _wait_for_claim(
+    task_pk: str,
+    task_name: str,
+    tenant: str,
+    grant: str,
+    deadline: float,
+    last: tuple[int, dict[str, Any]],
+) -> tuple[int, dict[str, Any]]:
+    status, body = last
+    cred_id = await _recheck(_cred_id, task_pk, grant)
+    with notify.waiters.watch(cred_id or "") as woken:
+        while (remaining := deadline - time.monotonic()) > 0:
+            status, body = await _recheck(_try_claim, task_pk, task_name, tenant, grant)
+            if status != 409:
+                break
+            await notify.waiters.wait(woken, remaining)
+    return status, body
 
 
 def _cred_id(task_pk: str, grant: str) -> str | None:

@@ -3,8 +3,10 @@
 Sign-in exchanges an operator or admin key for a signed session cookie
 (HttpOnly, SameSite=Strict, 8 hours, Secure over https, Path=/dashboard so it
 never rides along to the API). The key itself is not kept: the cookie names
-the key's id, and a retired key ends its sessions. State-changing forms carry
-a CSRF token bound to the session. An operator sees only its tenant.
+the key's id, and a retired key ends its sessions. The session also has a row
+in the ledger (by a hash of its nonce): signing out closes it, so a copied
+cookie stops working. State-changing forms carry a CSRF token bound to the
+session. An operator sees only its tenant.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -28,14 +30,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlmodel import Session
+from sqlalchemy import delete, update
+from sqlmodel import Session, col
 
 from app import overview
 from app.api.auth import lookup_key
 from app.api.credentials import revoke_credential
 from app.api.errors import ApiError
 from app.db import SessionDep, get_engine
-from app.models import ApiKey, Credential, Role, Task, utcnow
+from app.models import ApiKey, Credential, DashboardSession, Role, Task, utcnow
 from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +108,40 @@ def read_session(token: str, *, now: float | None = None) -> tuple[str, str] | N
     return str(key_id), str(nonce)
 
 
+def session_row_id(nonce: str) -> str:
+    """The server-side session's id: a hash, so the table alone names no cookie."""
+    return hashlib.sha256(nonce.encode()).hexdigest()
+
+
+def open_session(session: Session, key_id: str, *, now: float | None = None) -> str:
+    """A new cookie and its row; expired rows go at the same time."""
+    token = new_session(key_id, now=now)
+    parsed = read_session(token, now=now)
+    assert parsed is not None
+    at = datetime.fromtimestamp(now or time.time(), UTC)
+    session.execute(delete(DashboardSession).where(col(DashboardSession.expires_at) < at))
+    session.add(
+        DashboardSession(
+            id=session_row_id(parsed[1]),
+            key_id=key_id,
+            created_at=at,
+            expires_at=at + timedelta(seconds=SESSION_SECONDS),
+        )
+    )
+    return token
+
+
+def end_session(session: Session, nonce: str) -> None:
+    session.execute(
+        update(DashboardSession)
+        .where(
+            col(DashboardSession.id) == session_row_id(nonce),
+            col(DashboardSession.ended_at).is_(None),
+        )
+        .values(ended_at=utcnow())
+    )
+
+
 def csrf_token(nonce: str) -> str:
     return _b64(_mac(get_settings().secret_keys[0], b"leasehold-csrf", nonce.encode()))
 
@@ -143,10 +180,16 @@ def viewer_of(request: Request, session: Session) -> Viewer | None:
     parsed = read_session(token) if token else None
     if parsed is None:
         return None
-    key = session.get(ApiKey, parsed[0])
+    key_id, nonce = parsed
+    row = session.get(DashboardSession, session_row_id(nonce))
+    if row is None or row.ended_at is not None or row.key_id != key_id:
+        return None  # signed out, or never opened here
+    if row.expires_at <= utcnow():
+        return None
+    key = session.get(ApiKey, key_id)
     if key is None or key.revoked_at is not None or key.role not in (Role.operator, Role.admin):
         return None
-    return Viewer(key=key, nonce=parsed[1])
+    return Viewer(key=key, nonce=nonce)
 
 
 def _secure(response: Response) -> Response:
@@ -172,6 +215,7 @@ def _same_origin(request: Request) -> bool:
 
 
 async def _form(request: Request) -> dict[str, str]:
+    """Read first, before any session or CSRF check: the limit (app.api.limits) holds."""
     body = await request.body()
     if len(body) > MAX_FORM:
         return {}
@@ -344,28 +388,31 @@ def login_page(request: Request, session: SessionDep) -> Response:
     return _page(request, "login.html", error=None)
 
 
-def _check_key(secret: str) -> tuple[ApiKey | None, str | None, int]:
+def _sign_in(secret: str) -> tuple[str | None, str | None, int]:
+    """(cookie, error, status): a session for an operator or admin key."""
     with Session(get_engine(), expire_on_commit=False) as session:
         key = lookup_key(session, secret) if secret else None
-    if key is None:
-        return None, "That key is not valid.", 401
-    if key.role not in (Role.operator, Role.admin):
-        return None, f"An {key.role} key cannot sign in; use an operator or admin key.", 403
-    return key, None, 200
+        if key is None:
+            return None, "That key is not valid.", 401
+        if key.role not in (Role.operator, Role.admin):
+            return None, f"An {key.role} key cannot sign in; use an operator or admin key.", 403
+        token = open_session(session, key.id)
+        session.commit()
+    return token, None, 200
 
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
+    form = await _form(request)
     if not _same_origin(request):
         return _page(request, "login.html", status=403, error="Cross-site sign-in refused.")
-    form = await _form(request)
-    key, error, status = await run_in_threadpool(_check_key, form.get("key", "").strip())
-    if key is None:
+    token, error, status = await run_in_threadpool(_sign_in, form.get("key", "").strip())
+    if token is None:
         return _page(request, "login.html", status=status, error=error)
     response = _to("/dashboard")
     response.set_cookie(
         COOKIE,
-        new_session(key.id),
+        token,
         max_age=SESSION_SECONDS,
         path="/dashboard",
         httponly=True,
@@ -381,6 +428,7 @@ async def logout(request: Request) -> Response:
     viewer = await run_in_threadpool(_viewer_in_own_session, request)
     if viewer is None or not _same_origin(request) or not csrf_ok(viewer.nonce, form.get("csrf")):
         return _secure(HTMLResponse("refused: missing or wrong CSRF token", status_code=403))
+    await run_in_threadpool(_sign_out, viewer.nonce)
     response = _to("/dashboard/login")
     response.delete_cookie(
         COOKIE,
@@ -390,6 +438,12 @@ async def logout(request: Request) -> Response:
         secure=request.url.scheme == "https",
     )
     return response
+
+
+def _sign_out(nonce: str) -> None:
+    with Session(get_engine()) as session:
+        end_session(session, nonce)
+        session.commit()
 
 
 def _viewer_in_own_session(request: Request) -> Viewer | None:
@@ -429,6 +483,7 @@ def _revoke(request: Request, credential_id: str, csrf: str | None) -> tuple[int
 
 @router.post("/credentials/{credential_id}/revoke")
 async def revoke(request: Request, credential_id: str) -> Response:
+    form = await _form(request)
     if not _same_origin(request):
         return _page(
             request,
@@ -437,7 +492,6 @@ async def revoke(request: Request, credential_id: str) -> Response:
             title="Refused",
             message="Cross-site request refused.",
         )
-    form = await _form(request)
     status, message = await run_in_threadpool(_revoke, request, credential_id, form.get("csrf"))
     if status == 202:
         return _to(f"/dashboard?{urlencode({'revoked': credential_id})}")

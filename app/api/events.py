@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,6 +16,7 @@ from sqlmodel import Session
 from app import ledger, sealing
 from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
+from app.api.limits import MAX_EVENT_BODY
 from app.api.schemas import ApiJSON, CloudEvent, HeartbeatData, StartedData, task_view
 from app.db import get_engine
 from app.ledger import EventIn, EventResult
@@ -26,8 +28,65 @@ from workers.celery_app import enqueue_extend, enqueue_mint, enqueue_revoke
 from workers.issuing import installation_id
 
 router = APIRouter()
-MAX_BODY = 64 * 1024
+MAX_BODY = MAX_EVENT_BODY
+MAX_DEPTH = 32  # levels of JSON nesting an event may use; data is a small document
 CONTENT_TYPES = ("application/json", "application/cloudevents+json")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "body"
+
+
+def check_shape(raw: Any) -> None:
+    """Refuse what no column may hold: deep nesting, NUL, lone surrogates (iteratively)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise ApiError(400, f"body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for name, item in value.items():
+                _check_text(name, path)
+                stack.append((item, (*path, name)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple[str | int, ...]) -> None:
+    if "\x00" in text:
+        raise ApiError(400, f"{_where(path)} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{_where(path)} is not valid Unicode (a lone surrogate)") from None
+
+
+def event_identity(type_: str, subject: str, data: dict[str, Any] | None) -> str:
+    """What makes two events with one idempotency key the same event (PRODUCT.md):
+    type, subject and data; time, extensions and the transport mode are not compared."""
+    canonical = json.dumps(
+        {"type": type_, "subject": subject, "data": data},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_event(body: bytes, content_type: str) -> EventIn:
@@ -37,11 +96,14 @@ def parse_event(body: bytes, content_type: str) -> EventIn:
     if len(body) > MAX_BODY:
         raise ApiError(413, f"event body is over {MAX_BODY // 1024} KiB")
     try:
-        raw = json.loads(body)
+        raw = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ApiError(400, f"body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "body is not valid JSON") from None
     if not isinstance(raw, dict):
         raise ApiError(400, "body must be a JSON object (a CloudEvent)")
+    check_shape(raw)
     try:
         event = CloudEvent.model_validate(raw)
     except ValidationError as exc:
@@ -66,9 +128,7 @@ def parse_event(body: bytes, content_type: str) -> EventIn:
         subject=event.subject,
         time=event.time,
         data=data,
-        body_hash=hashlib.sha256(
-            json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest(),
+        body_hash=event_identity(event.type, event.subject, data),
     )
 
 
@@ -101,7 +161,6 @@ def check_profiles(event: EventIn, tenant: str, profiles: dict[str, Profile]) ->
 def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
     settings = get_settings()
     profiles = get_profiles()
-    check_profiles(event, key.tenant or "", profiles)
     inst = installation_id()
     for attempt in range(3):
         with Session(get_engine(), expire_on_commit=False) as session:
@@ -113,6 +172,9 @@ def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
                     profiles=profiles,
                     installation_id=inst,
                     retention_days=settings.retention_days,
+                    # After the idempotency check: a retry is a duplicate even if a
+                    # profile was retired since.
+                    check=lambda: check_profiles(event, key.tenant or "", profiles),
                 )
                 answer = _answer(session, key, event, result)
                 session.commit()

@@ -7,9 +7,17 @@ from urllib.parse import unquote
 
 from fastapi import Request
 
+from app.api.errors import ApiError
+
 
 def raw_segment(request: Request, index: int) -> str:
     """Segment `index` (0 = the first after the leading /) of the undecoded path."""
     raw = request.scope.get("raw_path") or request.url.path.encode()
     parts = raw.decode("latin-1").split("?", 1)[0].lstrip("/").split("/")
-    return unquote(parts[index], errors="strict")
+    try:
+        value = unquote(parts[index], errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, "a path segment is not valid percent-encoded UTF-8") from None
+    if "\x00" in value:
+        raise ApiError(400, "the path contains a NUL character")
+    return value
