@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app import __version__, notify, startup
+from app import __version__, notify, policy, startup
 from app.api import credentials, dashboard, errors, events, metrics, sweeps, tasks
+from app.api import policy as policy_api
 from app.api.schemas import ApiJSON
 from app.db import session_scope
 from app.errors_reporting import init_sentry
@@ -21,6 +22,7 @@ from app.settings import get_settings
 def _startup_checks() -> None:
     with session_scope() as session:
         startup.check(session)
+    policy.engine().start()  # an invalid policy file refuses the start
 
 
 @asynccontextmanager
@@ -51,6 +53,7 @@ def create_app() -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(sweeps.router)
     app.include_router(metrics.router)
+    app.include_router(policy_api.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])
