@@ -355,6 +355,8 @@ class Engine:
 
     def refresh_now(self) -> PolicySet | None:
         """Look at the file now (tests, and an operator's check)."""
+        if not self._started:
+            return self.start()
         with self._lock:
             self._refresh()
             self._next_check = time.monotonic() + RECHECK_SECONDS

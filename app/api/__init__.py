@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app import __version__, notify, policy, startup
+from app import __version__, notify, startup
+from app import policy as cedar_policy
 from app.api import credentials, dashboard, errors, events, metrics, sweeps, tasks
 from app.api import policy as policy_api
 from app.api.schemas import ApiJSON
@@ -22,7 +23,7 @@ from app.settings import get_settings
 def _startup_checks() -> None:
     with session_scope() as session:
         startup.check(session)
-    policy.engine().start()  # an invalid policy file refuses the start
+    cedar_policy.engine().start()  # an invalid policy file refuses the start
 
 
 @asynccontextmanager
