@@ -60,6 +60,18 @@ def _checked_profiles() -> None:
         raise fail(str(exc)) from None
 
 
+def _checked_policy() -> None:
+    """An invalid policy file refuses the start with its message (the API warns if none)."""
+    from app import policy
+
+    path = settings().policy_file
+    if path.exists():
+        try:
+            policy.load(path)
+        except policy.PolicyError as exc:
+            raise fail(str(exc)) from None
+
+
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Apply the Alembic migrations."""
@@ -139,6 +151,7 @@ def api(
     """The HTTP API."""
     settings()
     _checked_profiles()
+    _checked_policy()
     import uvicorn
 
     uvicorn.run(

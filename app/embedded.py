@@ -16,6 +16,7 @@ import httpx
 from app.settings import EMBEDDED_OPENBAO_FILE, Settings, get_settings
 
 SAMPLE_PROFILES = Path(__file__).parent / "sample" / "profiles.toml"
+SAMPLE_POLICIES = Path(__file__).parent / "sample" / "policies.cedar"
 
 
 def _say(text: str) -> None:
@@ -95,6 +96,9 @@ def run_everything(settings: Settings, *, host: str, port: int) -> int:
     if not settings.profiles_file.exists():
         shutil.copyfile(SAMPLE_PROFILES, settings.profiles_file)
         _say(f"wrote sample profiles to {settings.profiles_file}")
+    if not settings.policy_file.exists():
+        shutil.copyfile(SAMPLE_POLICIES, settings.policy_file)
+        _say(f"wrote sample policies to {settings.policy_file} (they permit the sample profiles)")
     upgrade()
     keys = _first_keys()
     exe = [sys.executable, "-m", "app.cli"]

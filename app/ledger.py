@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, update
 from sqlmodel import Session, col, select
 
+from app import policy
 from app.models import (
     LIVE_CRED_STATES,
     ApiKey,
@@ -47,6 +48,14 @@ class LedgerError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+        # Audit entries kept although the unit of work is not (a refused heartbeat).
+        self.audit: list[dict[str, Any]] = []
+
+
+def record_refusal(session: Session, exc: LedgerError, *, now: datetime | None = None) -> None:
+    """Write a refusal's audit entries in a unit of work of their own."""
+    for entry in exc.audit:
+        audit(session, **entry, now=now or utcnow())
 
 
 @dataclass
@@ -304,12 +313,33 @@ def _start(
     session.flush()  # the task row first: credentials reference it
     audit(session, "task_started", actor=key.name, tenant=tenant, task_id=task.id, now=now)
     result = EventResult(task=task, duplicate=False)
-    for grant, profile in zip(grants, chosen, strict=True):
+    decisions = policy.authorize(
+        [
+            policy.Ask(
+                action="mint",
+                workload=task.workload,
+                profile=p.name,
+                issuer=p.issuer,
+                tenant=tenant,
+                emitter=key.name,
+                source=event.source,
+                task=event.subject,
+                parent=data.get("parent"),
+                max_duration=int(data["max_duration"]),
+            )
+            for p in chosen
+        ]
+    )
+    for grant, profile, decision in zip(grants, chosen, decisions, strict=True):
         state = CredState.pending
+        why, code = "parent does not hold this profile", "parent"
         if parent is not None and not (
             profile.name in held or (profile.narrows is not None and profile.narrows in held)
         ):
             state = CredState.denied
+        elif not decision.allowed:
+            state, code = CredState.denied, "policy"
+            why = f"mint denied by policy: {decision.reason}"
         elif profile.approval:
             state = CredState.awaiting_approval
         cred = Credential(
@@ -328,7 +358,7 @@ def _start(
         session.add(cred)
         if state == CredState.pending:
             result.to_mint.append(cred.id)
-        elif state == CredState.denied:
+        if state == CredState.denied:
             audit(
                 session,
                 "denied",
@@ -336,7 +366,19 @@ def _start(
                 tenant=tenant,
                 task_id=task.id,
                 credential_id=cred.id,
-                detail="parent does not hold this profile",
+                reason=code,
+                detail=why[:2000],
+                now=now,
+            )
+        elif decision.policies:  # a policy set is in force: its permit is recorded too
+            audit(
+                session,
+                "policy_allowed",
+                actor=key.name,
+                tenant=tenant,
+                task_id=task.id,
+                credential_id=cred.id,
+                detail=f"mint {decision.reason}"[:2000],
                 now=now,
             )
     return result
@@ -380,6 +422,7 @@ def _heartbeat(
             deadline = min(deadline, parent.deadline)
     if task.deadline is not None and deadline <= task.deadline:
         return result  # a deadline only moves forward
+    _authorize_extend(session, key, task, int(max_duration), now)
     moved = session.execute(
         update(Task)
         .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
@@ -407,6 +450,56 @@ def _heartbeat(
             now=now,
         )
     return result
+
+
+def _authorize_extend(
+    session: Session, key: ApiKey, task: Task, max_duration: int, now: datetime
+) -> None:
+    """Ask the policy for every live profile of the task; one deny refuses (403)."""
+    live = session.execute(
+        select(Credential.profile, Credential.issuer)
+        .where(Credential.task_id == task.id, col(Credential.state).in_(LIVE_CRED_STATES))
+        .distinct()
+        .order_by(col(Credential.profile))
+    ).all()
+    parent = session.get(Task, task.parent_id) if task.parent_id else None
+    asks = [
+        policy.Ask(
+            action="extend",
+            workload=task.workload,
+            profile=profile,
+            issuer=issuer,
+            tenant=task.tenant,
+            emitter=key.name,
+            source=task.source,
+            task=task.name,
+            parent=parent.name if parent else None,
+            max_duration=max_duration,
+        )
+        for profile, issuer in live
+    ]
+    denials = [(a, d) for a, d in zip(asks, policy.authorize(asks), strict=True) if not d.allowed]
+    if not denials:
+        return
+    ask, decision = denials[0]
+    error = LedgerError(
+        403,
+        f"policy denies extending profile {ask.profile!r} to {max_duration}s: {decision.reason}",
+        profile=ask.profile,
+        policies=list(decision.policies),
+    )
+    error.audit = [
+        {
+            "action": "extend_denied",
+            "actor": key.name,
+            "tenant": task.tenant,
+            "task_id": task.id,
+            "reason": "policy",
+            "detail": f"extend {a.profile} to {max_duration}s denied by policy: {d.reason}"[:2000],
+        }
+        for a, d in denials
+    ]
+    raise error
 
 
 def end_task(

@@ -81,6 +81,8 @@ class Metrics:
     claims: Counter
     second_claims: Counter
     orphans_revoked: Counter
+    policy_reload_errors: Counter
+    policy_decisions: Counter
 
 
 _lock = threading.Lock()
@@ -169,6 +171,17 @@ def get() -> Metrics:
                     "Marked backend objects the reconciliation revoked",
                     registry=None,
                 ),
+                policy_reload_errors=Counter(
+                    "leasehold_policy_reload_errors",
+                    "Policy file changes refused (invalid or removed); the last good set stayed",
+                    registry=None,
+                ),
+                policy_decisions=Counter(
+                    "leasehold_policy_decisions",
+                    "Policy decisions, by action and decision",
+                    ["action", "decision"],
+                    registry=None,
+                ),
             )
     return _metrics
 
@@ -179,6 +192,10 @@ def initialize_series() -> None:
 
     m = get()
     m.orphans_revoked.inc(0)
+    m.policy_reload_errors.inc(0)
+    for action in ("mint", "extend"):
+        for decision in ("allow", "deny"):
+            m.policy_decisions.labels(action, decision).inc(0)
     try:
         profiles = get_profiles()
     except ProfileError:
@@ -333,6 +350,36 @@ class LedgerCollector(Collector):
         )
 
 
+class PolicyCollector(Collector):
+    """Which policy set this process has in force, and since when."""
+
+    def collect(self) -> Iterator[Metric]:
+        from app import policy
+
+        try:
+            status = policy.engine().status()
+        except policy.PolicyError:  # no set could be loaded at all
+            status = None
+        in_force = status.in_force if status else None
+        yield GaugeMetricFamily(
+            "leasehold_policy_loaded_timestamp_seconds",
+            "When the policy set in force was loaded (0: no policy file, every grant allowed)",
+            value=in_force.loaded_at.timestamp() if in_force else 0.0,
+        )
+        info = GaugeMetricFamily(
+            "leasehold_policy_info", "The policy set in force", labels=["sha", "policies"]
+        )
+        info.add_metric(
+            [in_force.sha if in_force else "", str(in_force.count if in_force else 0)], 1
+        )
+        yield info
+        yield GaugeMetricFamily(
+            "leasehold_policy_file_refused",
+            "1 while the policy file on disk is invalid or removed and the last good set is used",
+            value=1 if status is None or status.error else 0,
+        )
+
+
 def render() -> bytes:
     """The Prometheus text exposition of every process's metrics and the ledger's gauges."""
     global _series_ready
@@ -343,5 +390,6 @@ def render() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FilesCollector(path))
     registry.register(LedgerCollector())
+    registry.register(PolicyCollector())
     with _dir_lock(path, shared=True):
         return generate_latest(registry)

@@ -340,7 +340,15 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
         profiles = work / "profiles.toml"
         assert profiles.is_file() and "[profiles.demo-kv]" in profiles.read_text()
         assert (work / ".leasehold").is_dir()
-        assert sorted(p.name for p in work.iterdir()) == [".leasehold", "profiles.toml"]
+        # The sample policies permit the sample profile: the claim below needs them.
+        policies = work / "policies.cedar"
+        assert "wrote sample policies to" in text
+        assert '@id("demo-kv")' in policies.read_text()
+        assert sorted(p.name for p in work.iterdir()) == [
+            ".leasehold",
+            "policies.cedar",
+            "profiles.toml",
+        ]
         children = _descendants(proc.pid)
         assert any(f"--port {port}" in c for c in children.values()), children
         assert any(" worker " in c for c in children.values()), children

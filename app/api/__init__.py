@@ -9,7 +9,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app import __version__, notify, startup
+from app import policy as cedar_policy
 from app.api import audit, credentials, dashboard, errors, events, limits, metrics, sweeps, tasks
+from app.api import policy as policy_api
 from app.api.schemas import ApiJSON
 from app.db import session_scope
 from app.errors_reporting import init_sentry
@@ -21,6 +23,7 @@ from app.settings import get_settings
 def _startup_checks() -> None:
     with session_scope() as session:
         startup.check(session)
+    cedar_policy.engine().start()  # an invalid policy file refuses the start
 
 
 @asynccontextmanager
@@ -53,6 +56,7 @@ def create_app() -> FastAPI:
     app.include_router(sweeps.router)
     app.include_router(audit.router)
     app.include_router(metrics.router)
+    app.include_router(policy_api.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"])

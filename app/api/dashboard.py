@@ -33,7 +33,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import delete, update
 from sqlmodel import Session, col
 
-from app import overview
+from app import overview, policy
 from app.api.auth import lookup_key
 from app.api.credentials import revoke_credential
 from app.api.errors import ApiError
@@ -247,6 +247,21 @@ def _slow_parts(session: Session, scope: str | None, now: datetime) -> dict[str,
     return parts
 
 
+def _policy_line() -> dict[str, Any]:
+    """Which policy set is in force, since when, and whether the file on disk was refused."""
+    try:
+        status = policy.engine().status()
+    except policy.PolicyError as exc:
+        return {"sha": None, "loaded_at": None, "count": 0, "error": str(exc)}
+    loaded = status.in_force
+    return {
+        "sha": loaded.sha[:12] if loaded else None,
+        "loaded_at": loaded.loaded_at if loaded else None,
+        "count": loaded.count if loaded else 0,
+        "error": status.error,
+    }
+
+
 def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
     now = utcnow()
     alert_after = get_settings().revoke_alert_after
@@ -257,6 +272,7 @@ def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
         "live": overview.live_credentials(session, tenant=scope),
         "recent": overview.recent_revocations(session, tenant=scope),
         "failing": overview.failing_revocations(session, tenant=scope, alert_after=alert_after),
+        "policy": _policy_line(),
         **_slow_parts(session, scope, now),
     }
 

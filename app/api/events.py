@@ -179,6 +179,12 @@ def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
                 answer = _answer(session, key, event, result)
                 session.commit()
                 return result, answer
+            except ledger.LedgerError as exc:
+                if exc.audit:  # a refusal worth recording: in a unit of work of its own
+                    session.rollback()
+                    ledger.record_refusal(session, exc)
+                    session.commit()
+                raise
             except IntegrityError:
                 # A concurrent request stored the same event or task first: replay it.
                 session.rollback()

@@ -1,0 +1,75 @@
+"""POST /v1/policy/check: what the policy in force would decide for a task.started event."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from app import policy
+from app.api.auth import OperatorKey, tenant_scope
+from app.api.errors import ApiError
+from app.api.events import check_profiles, parse_event
+from app.api.schemas import ApiJSON
+from app.profiles import get_profiles
+
+router = APIRouter(tags=["policy"])
+
+
+def _check(event: Any, tenant: str, emitter: str) -> dict[str, Any]:
+    profiles = get_profiles()
+    check_profiles(event, tenant, profiles)
+    data = event.data
+    grants = data["grants"]
+    asks = [
+        policy.Ask(
+            action="mint",
+            workload=data.get("workload"),
+            profile=g["profile"],
+            issuer=profiles[g["profile"]].issuer,
+            tenant=tenant,
+            emitter=emitter,
+            source=event.source,
+            task=event.subject,
+            parent=data.get("parent"),
+            max_duration=int(data["max_duration"]),
+        )
+        for g in grants
+    ]
+    # decide(), not authorize(): a dry run is not counted among real decisions.
+    decisions = policy.decide(policy.engine().current(), asks)
+    return {
+        "grants": [
+            {
+                "name": g["name"],
+                "profile": g["profile"],
+                "decision": d.word,
+                "policies": list(d.policies),
+                "reason": d.reason,
+            }
+            for g, d in zip(grants, decisions, strict=True)
+        ]
+    }
+
+
+@router.post("/v1/policy/check")
+async def policy_check(
+    request: Request,
+    key: OperatorKey,
+    emitter: Annotated[
+        str | None, Query(max_length=128, description="the emitter key name to decide for")
+    ] = None,
+    tenant: Annotated[
+        str | None, Query(max_length=128, description="admin keys: the tenant to decide for")
+    ] = None,
+) -> ApiJSON:
+    """Decide each grant of a `task.started` event as a start would; nothing is stored."""
+    event = parse_event(await request.body(), request.headers.get("content-type", ""))
+    if event.type != "task.started":
+        raise ApiError(422, "the dry run takes a task.started event")
+    scope = tenant_scope(key, tenant)
+    if scope is None:
+        raise ApiError(422, "an admin key names the tenant with ?tenant=")
+    answer = await run_in_threadpool(_check, event, scope, emitter or key.name)
+    return ApiJSON(answer)
