@@ -279,6 +279,7 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from app.db import session_scope
         from app.models import Credential, CredState, Sweep, Task, TaskState
+        from app.overview import failing_clause
         from app.profiles import ProfileError, get_profiles
 
         settings = get_settings()
@@ -294,10 +295,7 @@ class LedgerCollector(Collector):
             failing = session.exec(
                 select(func.count())
                 .select_from(Credential)
-                .where(
-                    Credential.state == CredState.revoking,
-                    Credential.attempts >= settings.revoke_alert_after,
-                )
+                .where(failing_clause(settings.revoke_alert_after))
             ).one()
             # Ids are time-ordered: the newest finished sweep is found walking the key.
             last_sweep = session.exec(
@@ -323,7 +321,7 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily("leasehold_running_tasks", "Tasks running", value=running)
         yield GaugeMetricFamily(
             "leasehold_failing_revocations",
-            "Revocations that failed at least LEASEHOLD_REVOKE_ALERT_AFTER times",
+            "Revocations that failed at least LEASEHOLD_REVOKE_ALERT_AFTER times, or for good",
             value=failing,
         )
         yield GaugeMetricFamily(

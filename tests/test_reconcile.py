@@ -228,9 +228,9 @@ def test_vanished_is_marked_and_said(inst: str, driver: Driver) -> None:
     assert report.vanished == 1 and report.orphans_revoked == 0, report.detail
     assert report.detail["vanished"][0]["credential"] == creds["db"]
     gone = credential(creds["db"])
-    assert gone.state == CredState.revoked and gone.revoke_reason == "orphan"
+    assert gone.state == CredState.revoked and gone.revoke_reason == "vanished"
     assert "vanished" in gone.last_error and gone.sealed_secret is None
-    assert audit("vanished", creds["db"])
+    assert [e.reason for e in audit("vanished", creds["db"])] == ["vanished"]
     assert credential(creds["cache"]).state == CredState.active
     assert quiet_sweep().vanished == 0  # said once
     for cred_id in driver.end(task):
