@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import delete, exists, func, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from app import policy
@@ -23,6 +24,7 @@ from app.models import (
     CredState,
     Event,
     Installation,
+    MintLease,
     Sweep,
     Task,
     TaskState,
@@ -38,6 +40,14 @@ TERMINAL_EVENTS = {
 EVENT_TYPES = ("task.started", "task.heartbeat", *TERMINAL_EVENTS)
 MAX_DEPTH = 4  # levels of tasks, the root included
 MAX_CHILDREN = 64
+# When a pending or revoking row is due again if nothing moved it (its message was lost,
+# its worker killed): the deadline sweep, every LEASEHOLD_SWEEP_INTERVAL, enqueues what
+# is due. A revoke is found again within REVOKE_REDRIVE plus one sweep interval.
+REVOKE_REDRIVE = timedelta(seconds=15)
+MINT_REDRIVE = timedelta(seconds=30)
+# A mint holds its credential this long; a mint is bounded well below it (every backend
+# call has a timeout), so a second delivery never runs while the first still can record.
+MINT_LEASE = timedelta(seconds=60)
 
 
 class LedgerError(Exception):
@@ -353,6 +363,7 @@ def _start(
             expires_at=min(deadline, started + timedelta(seconds=profile.max_ttl)),
             created_at=now,
             updated_at=now,
+            next_attempt_at=now + MINT_REDRIVE if state == CredState.pending else None,
         )
         cred.backend_name = backend_name(installation_id, cred.id)
         session.add(cred)
@@ -549,7 +560,11 @@ def request_revoke(
     task_id: str | None = None,
     credential_id: str | None = None,
 ) -> list[str]:
-    """Live credentials (of a task, or one) -> revoking; returns their ids."""
+    """Live credentials (of a task, or one) -> revoking; returns their ids.
+
+    The unclaimed secret is destroyed here: nobody may claim it any more, however long
+    the revoke itself takes. The row is due again (`next_attempt_at`) in case the
+    revoke's message is lost."""
     query = update(Credential).where(col(Credential.state).in_(LIVE_CRED_STATES))
     if task_id is not None:
         query = query.where(col(Credential.task_id) == task_id)
@@ -560,6 +575,8 @@ def request_revoke(
             state=CredState.revoking,
             revoke_reason=reason,
             revoke_requested_at=now,
+            sealed_secret=None,
+            next_attempt_at=now + REVOKE_REDRIVE,
             updated_at=now,
         ).returning(Credential.id, Credential.tenant, Credential.task_id)
     ).all()
@@ -599,11 +616,28 @@ def time_out_due(session: Session, *, now: datetime, limit: int = 500) -> list[s
 # --- minting -------------------------------------------------------------
 
 
-def begin_mint(session: Session, cred_id: str, *, now: datetime) -> None:
-    """Touch a pending row as its mint starts, so that "young pending" means "in
-    flight" to the reconciliation and the re-drive. A row locked by another
-    transaction (an ending task) is skipped, not waited for: the activation's
-    compare-and-set settles that race."""
+def begin_mint(session: Session, cred_id: str, *, token: str, now: datetime) -> bool:
+    """Take the mint lease of a pending credential for one delivery (`token`); False when
+    another delivery holds a fresh lease: then this one must not touch the backend (a
+    second mint would replace the first's password, or end its sessions).
+
+    The lease lives in a table of its own, so taking it never waits for the credential's
+    row lock. The row itself is touched, skipping a locked row (an ending task: the
+    activation's compare-and-set settles that race), so that "young pending" means "in
+    flight" to the reconciliation, and the re-drive waits for the lease to run out."""
+    until = now + MINT_LEASE
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(MintLease).values(credential_id=cred_id, token=token, until=until)
+    taken = session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[MintLease.credential_id],
+            set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
+            where=(col(MintLease.until) <= now) | (col(MintLease.token) == token),
+        ).returning(MintLease.token)
+    ).first()
+    if taken is None:
+        return False
     unlocked = (
         select(Credential.id)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
@@ -613,30 +647,42 @@ def begin_mint(session: Session, cred_id: str, *, now: datetime) -> None:
     session.execute(
         update(Credential)
         .where(col(Credential.id) == unlocked)
-        .values(updated_at=now)
+        .values(updated_at=now, next_attempt_at=until)
         .execution_options(synchronize_session=False)
     )
+    return True
+
+
+def _lease_held(cred_id: str, token: str) -> Any:
+    return exists().where(col(MintLease.credential_id) == cred_id, col(MintLease.token) == token)
 
 
 def activate(
     session: Session,
     cred_id: str,
     *,
+    token: str,
     ref: str,
     sealed_secret: str,
     expires_at: datetime,
     now: datetime,
 ) -> bool:
-    """Pending -> active; False when the task ended meanwhile (the caller revokes)."""
+    """Pending -> active, for the delivery holding the mint lease; False when the task
+    ended meanwhile (the caller revokes) or another delivery took the lease over."""
     done = session.execute(
         update(Credential)
-        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
+        .where(
+            col(Credential.id) == cred_id,
+            col(Credential.state) == CredState.pending,
+            _lease_held(cred_id, token),
+        )
         .values(
             state=CredState.active,
             backend_ref=ref,
             sealed_secret=sealed_secret,
             expires_at=expires_at,
             minted_at=now,
+            next_attempt_at=None,
             updated_at=now,
         )
         .returning(Credential.tenant, Credential.task_id)
@@ -651,21 +697,37 @@ def activate(
             credential_id=cred_id,
             now=now,
         )
-    else:  # keep the ref so the revoke knows what to remove
+    else:  # the task ended: keep the ref so the revoke knows what to remove
         session.execute(
             update(Credential)
-            .where(col(Credential.id) == cred_id, col(Credential.backend_ref).is_(None))
+            .where(
+                col(Credential.id) == cred_id,
+                col(Credential.state) != CredState.pending,
+                col(Credential.backend_ref).is_(None),
+            )
             .values(backend_ref=ref, updated_at=now)
         )
+    _release_lease(session, cred_id, token)
     return bool(done)
 
 
-def mark_mint_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:
+def _release_lease(session: Session, cred_id: str, token: str) -> None:
+    session.execute(
+        delete(MintLease).where(col(MintLease.credential_id) == cred_id, MintLease.token == token)
+    )
+
+
+def mark_mint_failed(
+    session: Session, cred_id: str, error: str, *, token: str, now: datetime
+) -> bool:
     done = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
-        .values(state=CredState.failed, last_error=error[:2000], updated_at=now)
+        .values(
+            state=CredState.failed, last_error=error[:2000], next_attempt_at=None, updated_at=now
+        )
     ).rowcount
+    _release_lease(session, cred_id, token)
     if done:
         audit_credential(
             session, cred_id, "mint_failed", actor="system", detail=error[:500], now=now
@@ -676,15 +738,23 @@ def mark_mint_failed(session: Session, cred_id: str, error: str, *, now: datetim
 # --- revoking ------------------------------------------------------------
 
 
-def revoke_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> int:
-    """Count a failed attempt; returns the attempts so far."""
-    session.execute(
+def revoke_failed(
+    session: Session, cred_id: str, error: str, *, retry_in: float, now: datetime
+) -> int:
+    """Count a failed attempt, due again after its retry (should that message be lost
+    too); returns the attempts so far."""
+    attempts = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
-        .values(attempts=Credential.attempts + 1, last_error=error[:2000], updated_at=now)
-    )
-    cred = session.get(Credential, cred_id)
-    return cred.attempts if cred else 0
+        .values(
+            attempts=Credential.attempts + 1,
+            last_error=error[:2000],
+            next_attempt_at=now + timedelta(seconds=retry_in) + REVOKE_REDRIVE,
+            updated_at=now,
+        )
+        .returning(Credential.attempts)
+    ).scalar_one_or_none()
+    return attempts or 0
 
 
 def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
@@ -697,6 +767,7 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
             revoked_at=now,
             sealed_secret=None,
             last_error=None,
+            next_attempt_at=None,
             updated_at=now,
         )
         .returning(Credential)
@@ -707,27 +778,44 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
     return cred
 
 
+def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:
+    """A heartbeat's extension the backend refused for good: recorded (last_error, an
+    audit entry). The credential stays active; the backend ends it at the old expiry."""
+    done = session.execute(
+        update(Credential)
+        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
+        .values(last_error=f"extend: {error}"[:2000], updated_at=now)
+    ).rowcount
+    if done:
+        audit_credential(
+            session, cred_id, "extend_failed", actor="system", detail=error[:500], now=now
+        )
+    return bool(done)
+
+
 # --- claiming ------------------------------------------------------------
 
 
-def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime) -> str | None:
-    """Consume the sealed secret once; None when someone else claimed it first."""
-    sealed = cred.sealed_secret
-    if sealed is None:
-        return None
+def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime) -> bool:
+    """Consume the sealed secret the caller read (and has already decrypted) from `cred`;
+    False when the row moved on meanwhile (another claim, a revoke). The caller commits
+    only after this, so a secret it could not decrypt is never consumed."""
+    if cred.sealed_secret is None:
+        return False
     done = session.execute(
         update(Credential)
         .where(
             col(Credential.id) == cred.id,
             col(Credential.state) == CredState.active,
             col(Credential.claimed_at).is_(None),
+            col(Credential.sealed_secret) == cred.sealed_secret,
         )
         .values(claimed_at=now, sealed_secret=None, updated_at=now)
     ).rowcount
     if not done:
-        return None
+        return False
     audit_credential(session, cred, "claimed", actor=actor, now=now)
-    return sealed
+    return True
 
 
 def record_second_claim(session: Session, cred: Credential, *, actor: str, now: datetime) -> None:
@@ -742,6 +830,36 @@ def record_second_claim(session: Session, cred: Credential, *, actor: str, now: 
 
 
 # --- re-drive --------------------------------------------------------------
+
+
+def redrive_due(
+    session: Session, *, now: datetime, limit: int = 500
+) -> tuple[list[str], list[str]]:
+    """(pending, revoking) credential ids due again (`next_attempt_at` passed), each
+    pushed to its next due time; the caller enqueues them after its commit. Rows locked
+    by another transaction are skipped: they are moving on."""
+    query = (
+        select(Credential.id, Credential.state)
+        .where(
+            col(Credential.next_attempt_at) <= now,
+            col(Credential.state).in_((CredState.pending, CredState.revoking)),
+        )
+        .order_by(col(Credential.next_attempt_at))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = session.exec(query).all()
+    pending = [i for i, s in rows if s == CredState.pending]
+    revoking = [i for i, s in rows if s == CredState.revoking]
+    for ids, wait in ((pending, MINT_REDRIVE), (revoking, REVOKE_REDRIVE)):
+        if ids:
+            session.execute(
+                update(Credential)
+                .where(col(Credential.id).in_(ids))
+                .values(next_attempt_at=now + wait)
+            )
+    return pending, revoking
 
 
 def stuck_credentials(
@@ -765,10 +883,15 @@ def stuck_credentials(
 
 
 def touch(session: Session, cred_ids: list[str], *, now: datetime) -> None:
+    """Mark stuck rows as re-driven now. Their mint leases go: a row untouched for
+    longer than a lease has no mint in flight, and the next delivery must be let in."""
     if cred_ids:
         session.execute(
-            update(Credential).where(col(Credential.id).in_(cred_ids)).values(updated_at=now)
+            update(Credential)
+            .where(col(Credential.id).in_(cred_ids))
+            .values(updated_at=now, next_attempt_at=now + REVOKE_REDRIVE)
         )
+        session.execute(delete(MintLease).where(col(MintLease.credential_id).in_(cred_ids)))
 
 
 def revoke_gave_up(
@@ -786,6 +909,7 @@ def revoke_gave_up(
             attempts=Credential.attempts + 1,
             last_error=f"permanent: {error}"[:2000],
             sealed_secret=None,
+            next_attempt_at=None,
             updated_at=now,
         )
     ).rowcount
@@ -887,20 +1011,19 @@ def active_minted_before(
 
 
 def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime) -> bool:
-    """Active -> revoked (reason `orphan`, last_error `vanished: ...`): the backend no
-    longer holds it, Leasehold did not remove it. The secret is destroyed: a claim
-    must not hand out a dead one."""
+    """Active -> revoked, reason `vanished`: the backend no longer holds it and Leasehold
+    did not remove it (expired, or removed by someone else); `detail` says where. The
+    secret is destroyed: a claim must not hand out a dead one."""
     done = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
         .values(
             state=CredState.revoked,
-            # The contract has no reason for "gone before we revoked it"; the
-            # reconciliation's reason is `orphan`, and last_error and the audit say vanished.
-            revoke_reason="orphan",
+            revoke_reason="vanished",
             revoked_at=now,
             sealed_secret=None,
             last_error=detail[:2000],
+            next_attempt_at=None,
             updated_at=now,
         )
     ).rowcount
@@ -910,7 +1033,7 @@ def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime)
             cred_id,
             "vanished",
             actor="reconcile",
-            reason="orphan",
+            reason="vanished",
             detail=detail[:500],
             now=now,
         )
@@ -988,6 +1111,8 @@ def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int,
     )
     if not ids:
         return 0, 0
+    gone = select(Credential.id).where(col(Credential.task_id).in_(ids))
+    session.execute(delete(MintLease).where(col(MintLease.credential_id).in_(gone)))
     creds = session.execute(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
     session.execute(delete(Task).where(col(Task.id).in_(ids)))
     return len(ids), creds

@@ -296,6 +296,7 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from app.db import session_scope
         from app.models import Credential, CredState, Sweep, Task, TaskState
+        from app.overview import failing_clause
         from app.profiles import ProfileError, get_profiles
 
         settings = get_settings()
@@ -311,10 +312,7 @@ class LedgerCollector(Collector):
             failing = session.exec(
                 select(func.count())
                 .select_from(Credential)
-                .where(
-                    Credential.state == CredState.revoking,
-                    Credential.attempts >= settings.revoke_alert_after,
-                )
+                .where(failing_clause(settings.revoke_alert_after))
             ).one()
             # Ids are time-ordered: the newest finished sweep is found walking the key.
             last_sweep = session.exec(
@@ -340,7 +338,7 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily("leasehold_running_tasks", "Tasks running", value=running)
         yield GaugeMetricFamily(
             "leasehold_failing_revocations",
-            "Revocations that failed at least LEASEHOLD_REVOKE_ALERT_AFTER times",
+            "Revocations that failed at least LEASEHOLD_REVOKE_ALERT_AFTER times, or for good",
             value=failing,
         )
         yield GaugeMetricFamily(

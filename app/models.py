@@ -138,6 +138,8 @@ class Credential(SQLModel, table=True):
         # Re-drive and the dashboard read by state; the rest by task.
         Index("ix_credentials_state_updated", "state", "updated_at"),
         Index("ix_credentials_task", "task_id"),
+        # The deadline sweep reads what is due again (a lost message) by time.
+        Index("ix_credentials_next_attempt", "next_attempt_at"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -161,6 +163,22 @@ class Credential(SQLModel, table=True):
     attempts: int = 0
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     sealed_secret: str | None = Field(default=None, sa_column=Column(Text))
+    # While pending or revoking: when to enqueue its job again if the row has not
+    # moved on by then (the message was lost). None once settled.
+    next_attempt_at: datetime | None = _ts()
+
+
+class MintLease(SQLModel, table=True):
+    """Who is minting a pending credential: one delivery at a time.
+
+    A table of its own (no foreign key) so that taking a lease never waits for
+    the credential's row lock (an ending task holds it)."""
+
+    __tablename__ = "mint_leases"
+
+    credential_id: str = Field(primary_key=True, max_length=32)
+    token: str = Field(max_length=64)  # the Celery task id: its retries keep the lease
+    until: datetime = _ts(nullable=False)
 
 
 class Event(SQLModel, table=True):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, cast, extract, literal_column
+from sqlalchemy import Float, and_, cast, extract, literal_column, or_
 from sqlmodel import Session, col, func, select
 
 from app.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState
@@ -96,6 +96,19 @@ class Series:
     buckets: list[Bucket] = field(default_factory=list)
 
 
+def failing_clause(alert_after: int) -> Any:
+    """Failing revocations: still retrying after `alert_after` attempts, or given up for
+    good (`failed` after a revoke was requested; a failed mint has no revoke request).
+    Both ride the (state, updated_at) index."""
+    return or_(
+        and_(Credential.state == CredState.revoking, Credential.attempts >= alert_after),
+        and_(
+            Credential.state == CredState.failed,
+            col(Credential.revoke_requested_at).is_not(None),
+        ),
+    )
+
+
 def _scoped(query: Any, column: Any, tenant: str | None) -> Any:
     return query if tenant is None else query.where(column == tenant)
 
@@ -150,9 +163,7 @@ def summary(session: Session, *, tenant: str | None, now: datetime, alert_after:
     ).one()
     failing = session.exec(
         _scoped(
-            select(func.count())
-            .select_from(Credential)
-            .where(Credential.state == CredState.revoking, Credential.attempts >= alert_after),
+            select(func.count()).select_from(Credential).where(failing_clause(alert_after)),
             Credential.tenant,
             tenant,
         )
@@ -225,7 +236,7 @@ def failing_revocations(
         _scoped(
             select(Credential, Task)
             .join(Task, col(Task.id) == Credential.task_id)
-            .where(Credential.state == CredState.revoking, Credential.attempts >= alert_after),
+            .where(failing_clause(alert_after)),
             Credential.tenant,
             tenant,
         )

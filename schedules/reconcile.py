@@ -12,11 +12,12 @@ backend identity and ref) the backend is listed FIRST, then the ledger is read:
   `pending` row younger than PENDING_GRACE is a mint in flight: left alone.
   (Rows are committed before their mint is enqueued, so "no row" is an orphan.)
 - an `active` row minted before the listing began whose object the backend no
-  longer shows -> `revoked` with reason `orphan` and last_error `vanished: ...`, and
-  said so (audit `vanished`).
+  longer shows -> `revoked` with reason `vanished` (last_error says where), and said
+  so (audit `vanished`).
 - a `revoked` row whose object is still there -> revoked again.
 
-Then stuck work is re-driven (schedules.sweep.redrive_stuck). Every run is
+Then stuck work is re-driven (schedules.sweep.redrive_stuck); work whose message was
+lost is found sooner by the deadline sweep (schedules.sweep.redrive_due). Every run is
 stored as a Sweep row; one runs at a time per ledger (a PostgreSQL advisory
 lock; a lock file on embedded SQLite), a second returns at once, skipped.
 """

@@ -1,4 +1,10 @@
-"""The deadline sweep and the re-drive of stuck work, run by beat every few seconds."""
+"""The deadline sweep and the re-drive of work due again, run by beat every few seconds.
+
+A revoke or mint whose message is lost (a Redis restart, a killed worker) is found
+again from the ledger: every row waiting for a job carries `next_attempt_at`, and
+each sweep enqueues what is due (see app.ledger.REVOKE_REDRIVE). The reconciliation
+re-drives, in addition, whatever has not moved for REDRIVE_AFTER.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,24 @@ def sweep_deadlines() -> int:
     return total
 
 
+def redrive_due() -> tuple[int, int]:
+    """Enqueue again the mints and revokes due (their message may be lost), in batches;
+    returns (mints, revokes) re-driven. A duplicate is harmless: a revoke is idempotent,
+    and a mint's lease lets one delivery at a time through."""
+    mints = revokes = 0
+    while True:
+        with session_scope() as session:
+            pending, revoking = ledger.redrive_due(session, now=utcnow(), limit=BATCH)
+        enqueue_revoke(revoking)
+        enqueue_mint(pending)
+        mints, revokes = mints + len(pending), revokes + len(revoking)
+        if len(pending) + len(revoking) < BATCH:
+            break
+    if mints or revokes:
+        log.info("re-drive of due work", extra={"pending": mints, "revoking": revokes})
+    return mints, revokes
+
+
 def redrive_stuck(after: timedelta = REDRIVE_AFTER) -> tuple[int, int]:
     """Enqueue again what a lost message or a killed worker left pending or revoking
     (untouched for `after`), in batches; returns (mints, revokes) re-driven."""
@@ -53,7 +77,9 @@ def redrive_stuck(after: timedelta = REDRIVE_AFTER) -> tuple[int, int]:
 
 @celery_app.task(name="schedules.sweep.sweep_deadlines_task", ignore_result=True)
 def sweep_deadlines_task() -> int:
-    return sweep_deadlines()
+    revokes = sweep_deadlines()
+    redrive_due()
+    return revokes
 
 
 @celery_app.task(name="schedules.sweep.renew_vault_token_task", ignore_result=True)

@@ -74,9 +74,9 @@ class Island:
         return url
 
     def worker(
-        self, concurrency: int = 2, env: dict[str, str] | None = None
+        self, concurrency: int = 2, env: dict[str, str] | None = None, beat: bool = False
     ) -> subprocess.Popen[bytes]:
-        proc = start_worker_group(env or self.env, self.log("worker"), concurrency)
+        proc = start_worker_group(env or self.env, self.log("worker"), concurrency, beat)
         self.procs.append(proc)
         return proc
 
@@ -445,6 +445,44 @@ def test_flushed_broker_is_redriven(fresh: Island) -> None:
     for name in running:
         post(url, island.emitter, event("succeeded", name))
     wait_until(lambda: converged(island, [*ended, *running], []), timeout=60, interval=0.5)
+
+
+def test_lost_messages_are_found_again_from_the_ledger(fresh: Island) -> None:
+    """Default sweep interval, no reconciliation: a revoke whose message the broker lost
+    still happens within 30 s, and a lost mint is minted."""
+    island = fresh
+    url = island.api()
+    env = {**island.env, "LEASEHOLD_SWEEP_INTERVAL": "5", "LEASEHOLD_RECONCILE_INTERVAL": "3600"}
+    worker = island.worker(env=env, beat=True)
+    prefix = island.env["LEASEHOLD_BROKER_KEY_PREFIX"]
+    grants = {"kv": "kv-reader", "cache": "task-cache"}
+    ending, starting = f"lost/{uuid.uuid4().hex[:8]}/end", f"lost/{uuid.uuid4().hex[:8]}/start"
+    assert post(url, island.emitter, started(ending, grants)).status_code == 202
+    wait_until(lambda: island.states(ending) == {"kv": "active", "cache": "active"}, timeout=30)
+    sweeps_before = sql_rows(island.url, "SELECT count(*) FROM sweeps")[0][0]
+
+    # No worker holds a message in its socket while the broker loses them: the loss is
+    # certain. Then a worker and beat come back.
+    signal_group(worker, signal.SIGKILL)
+    worker.wait(10)
+    assert post(url, island.emitter, event("succeeded", ending)).status_code == 202
+    ended_at = time.monotonic()
+    assert post(url, island.emitter, started(starting, grants)).status_code == 202
+    assert flush_broker(prefix) > 0
+    island.worker(env=env, beat=True)
+    wait_until(
+        lambda: island.states(ending) == {"kv": "revoked", "cache": "revoked"},
+        timeout=40,
+        interval=0.2,
+    )
+    took = time.monotonic() - ended_at
+    assert took <= 30, f"revoked {took:.1f}s after the terminal event"
+    assert not any(object_exists(r) for r in island.rows(ending))
+    wait_until(lambda: island.states(starting) == {"kv": "active", "cache": "active"}, timeout=60)
+    # The reconciliation had no part in it.
+    assert sql_rows(island.url, "SELECT count(*) FROM sweeps")[0][0] == sweeps_before
+    assert post(url, island.emitter, event("succeeded", starting)).status_code == 202
+    wait_until(lambda: converged(island, [ending, starting], []), timeout=40, interval=0.5)
 
 
 def test_unreachable_backend_during_revoke(fresh: Island) -> None:

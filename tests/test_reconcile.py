@@ -228,9 +228,9 @@ def test_vanished_is_marked_and_said(inst: str, driver: Driver) -> None:
     assert report.vanished == 1 and report.orphans_revoked == 0, report.detail
     assert report.detail["vanished"][0]["credential"] == creds["db"]
     gone = credential(creds["db"])
-    assert gone.state == CredState.revoked and gone.revoke_reason == "orphan"
+    assert gone.state == CredState.revoked and gone.revoke_reason == "vanished"
     assert "vanished" in gone.last_error and gone.sealed_secret is None
-    assert audit("vanished", creds["db"])
+    assert [e.reason for e in audit("vanished", creds["db"])] == ["vanished"]
     assert credential(creds["cache"]).state == CredState.active
     assert quiet_sweep().vanished == 0  # said once
     for cred_id in driver.end(task):
@@ -429,3 +429,194 @@ def test_beat_runs_the_reconciliation() -> None:
     entry = celery_app.conf.beat_schedule["reconcile"]
     assert entry["task"] == "schedules.reconcile.reconcile_task"
     assert entry["schedule"] == get_settings().reconcile_interval
+
+
+# --- lost messages, leases, failures (issue 7) -------------------------------------------
+
+
+def _works(issuer_kind: str, secret: dict[str, Any]) -> bool:
+    """The handed-out secret still logs in."""
+    import redis
+
+    try:
+        if issuer_kind == "postgres":
+            with psycopg.connect(secret["dsn"], connect_timeout=5) as conn:
+                conn.execute("SELECT 1")
+        else:
+            client = redis.Redis.from_url(secret["url"], socket_timeout=5)
+            try:
+                client.ping()
+            finally:
+                client.close()
+    except (psycopg.OperationalError, redis.RedisError):
+        return False
+    return True
+
+
+def test_a_second_mint_delivery_never_replaces_a_live_password(inst: str, driver: Driver) -> None:
+    from app import ledger, sealing
+    from app.models import utcnow
+
+    task = name()
+    creds = driver.start(task, {"db": "reports-readonly", "cache": "task-cache"})
+    kinds = {"db": "postgres", "cache": "redis"}
+    for grant, cred_id in creds.items():
+        row = credential(cred_id)
+        # Delivery A is minting (it holds the lease); a re-driven delivery B arrives.
+        with session_scope() as session:
+            assert ledger.begin_mint(session, cred_id, token="A", now=utcnow())
+        assert mint(cred_id, token="B") == "busy"
+        assert not issuer(row.profile, inst).exists(row.backend_name), grant  # B did nothing
+        assert mint(cred_id, token="A") == "active"  # A's retry keeps its lease
+        secret = sealing.unseal(credential(cred_id).sealed_secret)
+        assert _works(kinds[grant], secret), grant
+        # Any later delivery of the live credential leaves it alone.
+        assert mint(cred_id, token="B") == "skipped"
+        assert mint(cred_id) == "skipped"
+        assert _works(kinds[grant], secret), grant
+    for cred_id in driver.end(task):
+        assert revoke(cred_id) == "revoked"
+
+
+def test_an_expired_lease_lets_the_redrive_in_and_the_loser_is_not_late(
+    inst: str, driver: Driver
+) -> None:
+    from app import ledger, metrics
+    from app.models import utcnow
+
+    task = name()
+    cred_id = driver.start(task, {"kv": "kv-reader"})["kv"]
+    late = metrics.get().mints.labels("vault-token", "kv-reader", "late")
+    before = late._value.get()
+    real_issuer = __import__("workers.issuing", fromlist=["issuer_for"]).issuer_for
+
+    class Racing:
+        """Delivery A's issuer: while A mints, its lease runs out and B mints and records."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def mint(self, req: Any) -> Any:
+            with session_scope() as session:  # A's lease, long expired
+                session.execute(
+                    ledger.update(ledger.MintLease)
+                    .where(ledger.col(ledger.MintLease.credential_id) == cred_id)
+                    .values(until=utcnow() - timedelta(minutes=5))
+                )
+            with mock.patch("workers.mint.issuer_for", real_issuer):
+                assert mint(cred_id, token="B") == "active"
+            return self.inner.mint(req)
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.inner, attr)
+
+    with mock.patch("workers.mint.issuer_for", lambda cred: Racing(real_issuer(cred))):
+        assert mint(cred_id, token="A") == "duplicate"
+    row = credential(cred_id)
+    assert row.state == CredState.active and issuer("kv-reader", inst).exists(row.backend_ref)
+    assert late._value.get() == before  # a duplicate is no late mint
+    assert quiet_sweep().orphans_revoked == 0  # A removed its own token
+    for revoke_id in driver.end(task):
+        assert revoke(revoke_id) == "revoked"
+
+
+def test_revocations_due_are_found_again_from_the_ledger(inst: str, driver: Driver) -> None:
+    from app import ledger
+    from app.models import utcnow
+    from schedules.sweep import redrive_due
+
+    task = name()
+    creds = driver.start(task, {"cache": "task-cache"})
+    assert mint(creds["cache"]) == "active"
+    assert credential(creds["cache"]).next_attempt_at is None  # settled: nothing due
+    ended = driver.end(task)  # ...and its revoke message is lost
+    row = credential(ended[0])
+    assert row.next_attempt_at - row.revoke_requested_at == ledger.REVOKE_REDRIVE
+    with mock.patch("schedules.sweep.enqueue_revoke") as enqueued:
+        assert redrive_due() == (0, 0)  # not due yet
+        age(ended, "next_attempt_at", minutes=1)
+        assert redrive_due() == (0, 1)
+        assert enqueued.call_args.args[0] == ended
+        assert redrive_due() == (0, 0)  # pushed to its next due time
+    assert credential(ended[0]).next_attempt_at > utcnow()
+    assert revoke(ended[0]) == "revoked"
+    assert credential(ended[0]).next_attempt_at is None
+
+
+def test_a_failing_revoke_destroys_the_ciphertext_at_once(
+    inst: str, driver: Driver, proxy: TcpProxy
+) -> None:
+    task = name()
+    cred_id = driver.start(task, {"db": "db-proxied"})["db"]
+    assert mint(cred_id) == "active"
+    assert credential(cred_id).sealed_secret is not None
+    proxy.stop()
+    try:
+        driver.end(task)
+        assert credential(cred_id).sealed_secret is None  # at the request, before any revoke
+        with pytest.raises(RevokeFailed) as failed:
+            revoke(cred_id)
+        row = credential(cred_id)
+        assert row.state == CredState.revoking and row.sealed_secret is None
+        # Due again only after the retry's backoff (should that message be lost too).
+        assert row.next_attempt_at >= row.updated_at + timedelta(seconds=failed.value.retry_in)
+    finally:
+        proxy.start()
+    assert _eventually(lambda: revoke(cred_id) == "revoked")
+
+
+def test_permanent_revoke_failure_shows_as_failing(inst: str, driver: Driver) -> None:
+    from app import overview
+    from app.metrics import LedgerCollector
+    from app.models import utcnow
+    from app.settings import get_settings
+
+    task = name()
+    creds = driver.start(task, {"db": "reports-readonly", "kv": "kv-reader"})
+    mint(creds["db"])
+    with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            "UPDATE credentials SET backend_ref = 'lh_notours_x' WHERE id = %s", (creds["db"],)
+        )
+        # A mint that failed for good is no failing revocation.
+        conn.execute("UPDATE credentials SET profile = 'gone' WHERE id = %s", (creds["kv"],))
+    assert mint(creds["kv"]) == "failed"
+    alert_after = get_settings().revoke_alert_after
+
+    def failing() -> tuple[int, list[str], float]:
+        with session_scope() as session:
+            count = overview.summary(
+                session, tenant="t1", now=utcnow(), alert_after=alert_after
+            ).failing
+            rows = overview.failing_revocations(session, tenant="t1", alert_after=alert_after)
+        gauge = next(
+            m for m in LedgerCollector().collect() if m.name == "leasehold_failing_revocations"
+        )
+        return count, [r.id for r in rows], gauge.samples[0].value
+
+    count, _, gauge = failing()
+    driver.end(task)
+    assert revoke(creds["db"]) == "failed"
+    assert credential(creds["db"]).state == CredState.failed
+    after = failing()
+    assert after[0] == count + 1 and after[2] == gauge + 1
+    assert creds["db"] in after[1] and creds["kv"] not in after[1]
+    assert quiet_sweep().errors == 0  # the real role is revoked as an orphan
+
+
+def test_a_permanent_extend_failure_is_recorded(inst: str, driver: Driver) -> None:
+    task = name()
+    cred_id = driver.start(task, {"db": "reports-readonly"})["db"]
+    assert mint(cred_id) == "active"
+    with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("UPDATE credentials SET profile = 'gone' WHERE id = %s", (cred_id,))
+    assert extend(cred_id) == "failed"
+    row = credential(cred_id)
+    assert row.state == CredState.active and row.last_error.startswith("extend: ")
+    assert audit("extend_failed", cred_id)
+    with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            "UPDATE credentials SET profile = 'reports-readonly' WHERE id = %s", (cred_id,)
+        )
+    for revoke_id in driver.end(task):
+        assert revoke(revoke_id) == "revoked"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from celery import Task as CeleryTask
@@ -17,14 +18,21 @@ from workers.backoff import backoff
 from workers.celery_app import celery_app, enqueue_revoke
 from workers.issuing import installation_id, issuer_for, revoke_ref
 
+NAME_BASED = ("postgres", "redis")  # the object's name is the credential's: one object
 
-def mint(credential_id: str) -> str:
-    """Idempotent: anything but a pending credential is left alone."""
+
+def mint(credential_id: str, token: str | None = None) -> str:
+    """Idempotent: anything but a pending credential is left alone, and so is one whose
+    mint another delivery is running (its lease). `token` names this delivery (the
+    Celery task id, which its retries keep); None: a delivery of its own."""
+    token = token or uuid.uuid4().hex
     with session_scope() as session:
         cred = session.get(Credential, credential_id)
         if cred is None or cred.state != CredState.pending:
             return "skipped"
-        ledger.begin_mint(session, credential_id, now=utcnow())
+        if not ledger.begin_mint(session, credential_id, token=token, now=utcnow()):
+            log.info("mint already in flight; this delivery does nothing", extra=_fields(cred))
+            return "busy"
         task = session.get(Task, cred.task_id)
         assert task is not None and cred.expires_at is not None
         req = MintRequest(
@@ -42,7 +50,7 @@ def mint(credential_id: str) -> str:
         minted = issuer.mint(req)
     except PermanentIssuerError as exc:
         with session_scope() as session:
-            ledger.mark_mint_failed(session, credential_id, str(exc), now=utcnow())
+            ledger.mark_mint_failed(session, credential_id, str(exc), token=token, now=utcnow())
         log.error("mint failed", extra=_fields(cred, error=str(exc)))
         observe.minted(cred, time.monotonic() - started, "failed")
         return "failed"
@@ -50,28 +58,31 @@ def mint(credential_id: str) -> str:
         active = ledger.activate(
             session,
             credential_id,
+            token=token,
             ref=minted.ref,
             sealed_secret=sealing.seal(minted.secret),
             expires_at=minted.expires_at,
             now=utcnow(),
         )
     duration = time.monotonic() - started
-    observe.minted(cred, duration, "ok" if active else "late")
     if active:
+        observe.minted(cred, duration, "ok")
         notify.credential_changed(credential_id)
         log.info("minted", extra=_fields(cred, duration=round(duration, 4)))
         return "active"
     with session_scope() as session:
         now_held = session.get(Credential, credential_id)
-    if now_held is not None and now_held.state == CredState.active:
-        # Another delivery of this job won. A different object (a second Vault token) is
-        # ours to remove; the same name (postgres role, redis user) is the live credential.
-        if minted.ref != now_held.backend_ref:
+    if now_held is not None and now_held.state in (CredState.pending, CredState.active):
+        # Another delivery took the lease over (this one outlived it): that one records.
+        # A different object (a second Vault token) is ours to remove; the same name
+        # (postgres role, redis user) is the other delivery's credential. Not counted.
+        if minted.ref != now_held.backend_ref and cred.issuer not in NAME_BASED:
             issuer.revoke(minted.ref)
         else:
             log.warning("duplicate mint of a live credential", extra=_fields(cred))
         return "duplicate"
     # The task ended while we minted: take it back now.
+    observe.minted(cred, duration, "late")
     log.info("minted after task end; revoking", extra=_fields(cred))
     try:
         issuer.revoke(minted.ref)
@@ -88,8 +99,19 @@ def extend(credential_id: str) -> str:
     ref = revoke_ref(cred)
     if ref is None:
         return "skipped"
-    issuer_for(cred).extend(ref, cred.expires_at)
+    try:
+        issuer_for(cred).extend(ref, cred.expires_at)
+    except PermanentIssuerError as exc:
+        record_extend_failure(cred, str(exc))
+        return "failed"
     return "extended"
+
+
+def record_extend_failure(cred: Credential, error: str) -> None:
+    """In the ledger (last_error, audit) and the log, as a failed mint or revoke is."""
+    with session_scope() as session:
+        ledger.extend_failed(session, cred.id, error, now=utcnow())
+    log.error("extend failed", extra=_fields(cred, error=error))
 
 
 def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
@@ -105,7 +127,8 @@ def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
 @celery_app.task(name="workers.mint.mint_credential", bind=True, max_retries=6)
 def mint_credential(self: CeleryTask, credential_id: str) -> str:
     try:
-        return mint(credential_id)
+        # The task id names this delivery: its retries keep the mint lease.
+        return mint(credential_id, token=self.request.id)
     except (TemporaryIssuerError, OperationalError) as exc:  # a backend, or the ledger
         # Past max_retries the credential stays pending and the re-drive picks it up.
         raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
@@ -116,4 +139,11 @@ def extend_credential(self: CeleryTask, credential_id: str) -> str:
     try:
         return extend(credential_id)
     except TemporaryIssuerError as exc:
+        if self.request.retries >= self.max_retries:
+            # Out of retries: said in the ledger, not only in a lost exception.
+            with session_scope() as session:
+                cred = session.get(Credential, credential_id)
+            if cred is not None:
+                record_extend_failure(cred, f"gave up after {self.request.retries} retries: {exc}")
+            return "failed"
         raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None

@@ -18,11 +18,12 @@ from workers.issuing import issuer_for, revoke_ref
 
 
 class RevokeFailed(Exception):
-    """A temporary failure, already counted in the ledger."""
+    """A temporary failure, already counted in the ledger, to be retried in `retry_in`."""
 
-    def __init__(self, message: str, attempts: int) -> None:
+    def __init__(self, message: str, attempts: int, retry_in: float) -> None:
         super().__init__(message)
         self.attempts = attempts
+        self.retry_in = retry_in
 
 
 def revoke(credential_id: str) -> str:
@@ -37,8 +38,13 @@ def revoke(credential_id: str) -> str:
         if ref is not None:
             issuer_for(cred).revoke(ref)
     except TemporaryIssuerError as exc:
+        # Backoff from the attempts the ledger counts, so it stays capped and growing
+        # across re-drives; the row is due again after it, should the retry be lost.
+        retry_in = backoff(cred.attempts + 1)
         with session_scope() as session:
-            attempts = ledger.revoke_failed(session, credential_id, str(exc), now=utcnow())
+            attempts = ledger.revoke_failed(
+                session, credential_id, str(exc), retry_in=retry_in, now=utcnow()
+            )
         observe.revoke_failed(cred, attempts, str(exc))
         log.warning(
             "revoke failed",
@@ -49,7 +55,7 @@ def revoke(credential_id: str) -> str:
                 "error": str(exc),
             },
         )
-        raise RevokeFailed(str(exc), attempts) from None
+        raise RevokeFailed(str(exc), attempts, retry_in) from None
     except PermanentIssuerError as exc:
         # Refused for good (e.g. the object is not this installation's, or the profile is
         # gone): recorded as such and not retried; the reconciliation still revokes the
@@ -99,8 +105,8 @@ def revoke_credential(self: CeleryTask, credential_id: str) -> str:
     try:
         return revoke(credential_id)
     except RevokeFailed as exc:
-        # Backoff from the attempts the ledger counted, so it stays capped and growing
-        # across re-drives. Past max_retries the re-drive enqueues it again: it never stops.
-        raise self.retry(countdown=backoff(exc.attempts), exc=exc) from None
+        # Past max_retries the deadline sweep enqueues it again when it is due: it never
+        # stops.
+        raise self.retry(countdown=exc.retry_in, exc=exc) from None
     except OperationalError as exc:  # the ledger itself is unreachable: try again soon
         raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None

@@ -21,6 +21,7 @@ from app.api.pages import page
 from app.api.paths import raw_segment
 from app.api.schemas import MAX_GRANTS, ApiJSON, credential_view
 from app.db import SessionDep, get_engine
+from app.logs import log
 from app.models import Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
 from workers.celery_app import enqueue_revoke
@@ -94,6 +95,10 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
         cred = _latest(session, task_pk, grant)
         if cred is None:
             return 404, {"error": f"task has no grant {grant!r}"}
+        if cred.claimed_at is not None:
+            # Whatever became of the task or the credential since: someone else holds
+            # the token and came second. Said, even after the end.
+            return _second_claim(session, cred)
         if task.state != TaskState.running:
             return 410, {"error": "the task has ended", "state": task.state}
         if cred.state in WAITING:
@@ -104,13 +109,25 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
         if profile is not None and profile.claim == "jwt":
             # JWT claims are not built yet: such a profile must not fall back to the token.
             return 403, {"error": f"profile {cred.profile!r} accepts only a JWT claim"}
-        now = utcnow()
-        sealed = ledger.take_secret(session, cred, actor="claim", now=now)
-        if sealed is None:
-            ledger.record_second_claim(session, cred, actor="claim", now=now)
-            session.commit()
-            observe.second_claim(cred)
-            return 410, {"error": "credential was already claimed", "state": "claimed"}
+        if cred.sealed_secret is None:
+            return 410, {"error": "credential holds no secret", "state": cred.state}
+        # Decrypt first, consume after, one transaction: a secret that cannot be
+        # decrypted is never destroyed (the claim answers 500 and can be tried again).
+        try:
+            secret = sealing.unseal(cred.sealed_secret)
+        except ValueError:
+            log.error(
+                "claim: the sealed secret cannot be decrypted with the configured keys",
+                extra={"credential": cred.id, "task": cred.task_id, "profile": cred.profile},
+            )
+            return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}
+        if not ledger.take_secret(session, cred, actor="claim", now=utcnow()):
+            session.rollback()
+            session.refresh(cred)
+            if cred.claimed_at is not None:
+                return _second_claim(session, cred)
+            # Lost a race with a revoke (or the task's end): no interception.
+            return 410, {"error": f"credential is {cred.state}", "state": cred.state}
         session.commit()
         observe.claimed(cred)
         return 200, {
@@ -118,8 +135,15 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
             "profile": cred.profile,
             "issuer": cred.issuer,
             "expires_at": cred.expires_at,
-            "secret": sealing.unseal(sealed),
+            "secret": secret,
         }
+
+
+def _second_claim(session: Session, cred: Credential) -> tuple[int, dict[str, Any]]:
+    ledger.record_second_claim(session, cred, actor="claim", now=utcnow())
+    session.commit()
+    observe.second_claim(cred)
+    return 410, {"error": "credential was already claimed", "state": "claimed"}
 
 
 @router.post("/v1/tasks/{task_id:path}/credentials/{grant}/claim", response_class=ApiJSON)

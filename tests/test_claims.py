@@ -1,0 +1,128 @@
+"""Claims tell the truth: a secret that cannot be decrypted is kept, a second claim is
+said also after the end, and a claim that loses a race with a revoke is no interception."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from unittest import mock
+
+import psycopg
+import redis
+from sqlmodel import select
+
+from app import sealing
+from app.db import session_scope
+from app.models import AuditEntry
+from tests.conftest import wait_until
+from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+
+
+def second_claims(cred_id: str) -> int:
+    with session_scope() as session:
+        return len(
+            session.exec(
+                select(AuditEntry).where(
+                    AuditEntry.action == "second_claim", AuditEntry.credential_id == cred_id
+                )
+            ).all()
+        )
+
+
+def counted(client: Any) -> float:
+    text = client.get("/metrics").text
+    found = re.search(
+        r'^leasehold_second_claims_total\{issuer="redis",profile="task-cache"\} (\S+)$',
+        text,
+        re.M,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def start(client: Any, key: str) -> tuple[str, str, str]:
+    name = unique("claims")
+    answer = client.post("/v1/events", json=started(name, {"c": "task-cache"}), headers=auth(key))
+    assert answer.status_code == 202, answer.text
+    wait_until(lambda: states("t1", name) == {"c": "active"})
+    return name, answer.json()["claim_token"], credentials_of("t1", name)[0].id
+
+
+def sql(query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def test_a_secret_that_cannot_be_decrypted_is_kept(app_client: Any, keys: dict[str, str]) -> None:
+    name, token, cred_id = start(app_client, keys["emitter"])
+    (sealed,) = sql("SELECT sealed_secret FROM credentials WHERE id = %s", cred_id)[0]
+    sql("UPDATE credentials SET sealed_secret = 'not-a-fernet-token' WHERE id = %s", cred_id)
+    failed = app_client.post(claim_url(name, "c"), headers=auth(token))
+    assert failed.status_code == 500 and "decrypt" in failed.json()["error"]
+    assert sql("SELECT sealed_secret, claimed_at FROM credentials WHERE id = %s", cred_id) == [
+        ("not-a-fernet-token", None)
+    ]
+    # The key comes back (say, a rotation undone): the credential is still claimable.
+    sql("UPDATE credentials SET sealed_secret = %s WHERE id = %s", sealed, cred_id)
+    claimed = app_client.post(claim_url(name, "c"), headers=auth(token))
+    assert claimed.status_code == 200, claimed.text
+    client = redis.Redis.from_url(claimed.json()["secret"]["url"], socket_timeout=5)
+    assert client.ping()
+    client.close()
+    assert second_claims(cred_id) == 0
+    app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
+
+
+def test_a_second_claim_is_said_after_the_end_and_after_a_revoke(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    before = counted(app_client)
+    ended, token, cred_id = start(app_client, keys["emitter"])
+    assert app_client.post(claim_url(ended, "c"), headers=auth(token)).status_code == 200
+    app_client.post("/v1/events", json=event("succeeded", ended), headers=auth(keys["emitter"]))
+    wait_until(lambda: states("t1", ended) == {"c": "revoked"})
+    again = app_client.post(claim_url(ended, "c"), headers=auth(token))
+    assert again.status_code == 410 and again.json()["state"] == "claimed"
+    assert second_claims(cred_id) == 1
+
+    revoked, token, cred_id = start(app_client, keys["emitter"])
+    assert app_client.post(claim_url(revoked, "c"), headers=auth(token)).status_code == 200
+    answer = app_client.post(f"/v1/credentials/{cred_id}/revoke", headers=auth(keys["operator"]))
+    assert answer.status_code == 202
+    again = app_client.post(claim_url(revoked, "c"), headers=auth(token))
+    assert again.status_code == 410 and again.json()["state"] == "claimed"
+    assert second_claims(cred_id) == 1
+    assert wait_until(lambda: counted(app_client) == before + 2)
+    app_client.post("/v1/events", json=event("succeeded", revoked), headers=auth(keys["emitter"]))
+
+
+def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    from app import ledger
+    from app.models import utcnow
+    from workers.celery_app import enqueue_revoke
+
+    name, token, cred_id = start(app_client, keys["emitter"])
+    real_unseal = sealing.unseal
+
+    def revoked_meanwhile(sealed: str) -> dict[str, Any]:
+        """The revoke commits between the claim's read and its consume."""
+        with session_scope() as session:
+            ids = ledger.request_revoke(
+                session, credential_id=cred_id, reason="manual", actor="test", now=utcnow()
+            )
+        enqueue_revoke(ids)
+        return real_unseal(sealed)
+
+    before = counted(app_client)
+    with mock.patch("app.api.credentials.sealing.unseal", revoked_meanwhile):
+        lost = app_client.post(claim_url(name, "c"), headers=auth(token))
+    assert lost.status_code == 410 and lost.json()["state"] in ("revoking", "revoked")
+    assert sql("SELECT claimed_at FROM credentials WHERE id = %s", cred_id) == [(None,)]
+    again = app_client.post(claim_url(name, "c"), headers=auth(token))
+    assert again.status_code == 410 and again.json()["state"] != "claimed"
+    assert second_claims(cred_id) == 0 and counted(app_client) == before
+    wait_until(lambda: states("t1", name) == {"c": "revoked"})
+    app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
