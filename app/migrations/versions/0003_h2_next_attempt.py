@@ -13,7 +13,7 @@ from alembic import op
 from app.models import UTCDateTime
 
 revision = "0003_h2"
-down_revision = "0002"
+down_revision = "0003_h1"
 branch_labels = None
 depends_on = None
 
