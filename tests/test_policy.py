@@ -228,12 +228,12 @@ def test_hot_reload_and_invalid_file_keeps_last_good(
 
 
 def _dashboard_live(client: Any) -> str:
-    from app.api.dashboard import COOKIE, new_session
+    from app.api.dashboard import COOKIE, open_session
     from app.models import ApiKey
 
     with session_scope() as s:
         key = s.exec(select(ApiKey).where(ApiKey.name == f"operator-{RUN}")).one()
-        token = new_session(key.id)
+        token = open_session(s, key.id)
     client.cookies.set(COOKIE, token, path="/dashboard")
     try:
         page = client.get("/dashboard/live")
