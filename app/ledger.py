@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, update
 from sqlmodel import Session, col, select
 
+from app import scope
 from app.models import (
     LIVE_CRED_STATES,
     ApiKey,
@@ -175,6 +176,9 @@ def apply_event(
     duplicate even when what it names (e.g. a profile) has changed since."""
     now = now or utcnow()
     tenant = key.tenant or ""
+    refusal = scope.source_refusal(key.sources, event.source)
+    if refusal is not None:  # before anything is looked up or stored
+        raise LedgerError(403, refusal)
     seen = session.exec(
         select(Event).where(
             Event.tenant == tenant, Event.source == event.source, Event.event_id == event.id
@@ -306,10 +310,15 @@ def _start(
     result = EventResult(task=task, duplicate=False)
     for grant, profile in zip(grants, chosen, strict=True):
         state = CredState.pending
+        why, reason = None, None
         if parent is not None and not (
             profile.name in held or (profile.narrows is not None and profile.narrows in held)
         ):
-            state = CredState.denied
+            state, why = CredState.denied, "parent does not hold this profile"
+        elif out_of_scope := scope.grant_refusal(
+            key.workloads, key.profiles, task.workload, profile.name
+        ):
+            state, why, reason = CredState.denied, out_of_scope, "out_of_scope"
         elif profile.approval:
             state = CredState.awaiting_approval
         cred = Credential(
@@ -336,7 +345,8 @@ def _start(
                 tenant=tenant,
                 task_id=task.id,
                 credential_id=cred.id,
-                detail="parent does not hold this profile",
+                reason=reason,
+                detail=why,
                 now=now,
             )
     return result
