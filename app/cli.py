@@ -82,11 +82,31 @@ def db_upgrade() -> None:
     echo("ledger is up to date")
 
 
+def _listed(values: list[str] | None) -> list[str] | None:
+    """Repeated options, each possibly comma-separated; not given means no limit."""
+    if not values:
+        return None
+    return [part for value in values for part in value.split(",")]
+
+
 @keys_cli.command("create")
 def keys_create(
     name: str,
     role: Annotated[Role, typer.Option(help="emitter, operator or admin")],
     tenant: Annotated[str | None, typer.Option(help="the tenant (emitter, operator)")] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Option(help="limit an emitter to these event sources (repeat, or comma-separate)"),
+    ] = None,
+    workloads: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="limit an emitter to these workloads: prefixes, or spiffe://<trust domain>"
+        ),
+    ] = None,
+    profiles: Annotated[
+        list[str] | None, typer.Option(help="limit an emitter to these profiles")
+    ] = None,
 ) -> None:
     """Print a new key, and only the key, on stdout."""
     settings()
@@ -97,7 +117,15 @@ def keys_create(
 
     try:
         with session_scope() as session:
-            _, secret = create_key(session, name=name, role=role, tenant=tenant)
+            _, secret = create_key(
+                session,
+                name=name,
+                role=role,
+                tenant=tenant,
+                sources=_listed(sources),
+                workloads=_listed(workloads),
+                profiles=_listed(profiles),
+            )
     except ValueError as exc:
         raise fail(str(exc)) from None
     except IntegrityError:
@@ -113,15 +141,17 @@ def keys_list() -> None:
 
     from app.db import session_scope
     from app.models import ApiKey
+    from app.scope import describe as describe_scope
 
     with session_scope() as session:
         rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
-        echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} STATUS")
+        echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} {'STATUS':8} SCOPE")
         for k in rows:
             status = "retired" if k.revoked_at else "active"
+            scope = describe_scope(k.sources, k.workloads, k.profiles)
             echo(
                 f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
-                f"{k.created_at:%Y-%m-%d %H:%M:%S} {status}"
+                f"{k.created_at:%Y-%m-%d %H:%M:%S} {status:8} {scope}"
             )
 
 

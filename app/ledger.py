@@ -15,7 +15,7 @@ from sqlalchemy import delete, exists, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from app import policy
+from app import policy, scope
 from app.models import (
     LIVE_CRED_STATES,
     ApiKey,
@@ -194,6 +194,9 @@ def apply_event(
     duplicate even when what it names (e.g. a profile) has changed since."""
     now = now or utcnow()
     tenant = key.tenant or ""
+    refusal = scope.source_refusal(key.sources, event.source)
+    if refusal is not None:  # before anything is looked up or stored
+        raise LedgerError(403, refusal)
     seen = session.exec(
         select(Event).where(
             Event.tenant == tenant, Event.source == event.source, Event.event_id == event.id
@@ -323,31 +326,45 @@ def _start(
     session.flush()  # the task row first: credentials reference it
     audit(session, "task_started", actor=key.name, tenant=tenant, task_id=task.id, now=now)
     result = EventResult(task=task, duplicate=False)
-    decisions = policy.authorize(
-        [
-            policy.Ask(
-                action="mint",
-                workload=task.workload,
-                profile=p.name,
-                issuer=p.issuer,
-                tenant=tenant,
-                emitter=key.name,
-                source=event.source,
-                task=event.subject,
-                parent=data.get("parent"),
-                max_duration=int(data["max_duration"]),
-            )
-            for p in chosen
-        ]
+    # Out of the key's scope is refused before any policy is asked.
+    refusals = [
+        scope.grant_refusal(key.workloads, key.profiles, task.workload, p.name) for p in chosen
+    ]
+    asked = [p for p, refused in zip(chosen, refusals, strict=True) if refused is None]
+    decided = dict(
+        zip(
+            (p.name for p in asked),
+            policy.authorize(
+                [
+                    policy.Ask(
+                        action="mint",
+                        workload=task.workload,
+                        profile=p.name,
+                        issuer=p.issuer,
+                        tenant=tenant,
+                        emitter=key.name,
+                        source=event.source,
+                        task=event.subject,
+                        parent=data.get("parent"),
+                        max_duration=int(data["max_duration"]),
+                    )
+                    for p in asked
+                ]
+            ),
+            strict=True,
+        )
     )
-    for grant, profile, decision in zip(grants, chosen, decisions, strict=True):
+    for grant, profile, refused in zip(grants, chosen, refusals, strict=True):
         state = CredState.pending
-        why, code = "parent does not hold this profile", "parent"
+        why, code = "", ""
+        decision = decided.get(profile.name)
         if parent is not None and not (
             profile.name in held or (profile.narrows is not None and profile.narrows in held)
         ):
-            state = CredState.denied
-        elif not decision.allowed:
+            state, why, code = CredState.denied, "parent does not hold this profile", "parent"
+        elif refused is not None:
+            state, why, code = CredState.denied, refused, "out_of_scope"
+        elif decision is not None and not decision.allowed:
             state, code = CredState.denied, "policy"
             why = f"mint denied by policy: {decision.reason}"
         elif profile.approval:
@@ -381,7 +398,7 @@ def _start(
                 detail=why[:2000],
                 now=now,
             )
-        elif decision.policies:  # a policy set is in force: its permit is recorded too
+        elif decision is not None and decision.policies:  # a set in force: its permit too
             audit(
                 session,
                 "policy_allowed",

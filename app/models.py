@@ -89,6 +89,10 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = _ts(nullable=False)
     revoked_at: datetime | None = _ts()
+    # An emitter's scope (app/scope.py); None means no limit.
+    sources: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    workloads: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    profiles: list[str] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class DashboardSession(SQLModel, table=True):

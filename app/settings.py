@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     url: str = "http://127.0.0.1:8700"
     key: SecretStr | None = None
     backend_timeout: float = Field(5.0, gt=0)  # every external call is bounded
+    event_rate_limit: float | None = Field(None, gt=0)  # events per second per key; None: none
 
     @model_validator(mode="after")
     def _embedded_openbao(self) -> Settings:

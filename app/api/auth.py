@@ -13,6 +13,7 @@ from sqlmodel import Session, select
 
 from app.db import SessionDep
 from app.models import ApiKey, Role, utcnow
+from app.scope import normalise as normalise_scope
 from app.sealing import hash_api_key
 
 _CACHE_SECONDS = 5.0  # a retired key stops working within this
@@ -24,11 +25,29 @@ def new_key_secret() -> str:
 
 
 def create_key(
-    session: Session, *, name: str, role: Role, tenant: str | None, now: datetime | None = None
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    tenant: str | None,
+    now: datetime | None = None,
+    sources: list[str] | None = None,
+    workloads: list[str] | None = None,
+    profiles: list[str] | None = None,
 ) -> tuple[ApiKey, str]:
-    """A new key row and its secret (shown once, stored only as a hash)."""
+    """A new key row and its secret (shown once, stored only as a hash).
+
+    `sources`, `workloads` and `profiles` limit an emitter key (app/scope.py);
+    None means no limit. Raises ValueError naming what is wrong."""
     if role != Role.admin and not tenant:
         raise ValueError(f"a {role} key needs a tenant")
+    limits = {
+        "sources": normalise_scope("sources", sources),
+        "workloads": normalise_scope("workloads", workloads),
+        "profiles": normalise_scope("profiles", profiles),
+    }
+    if role != Role.emitter and any(v is not None for v in limits.values()):
+        raise ValueError("--sources, --workloads and --profiles limit emitter keys only")
     secret = new_key_secret()
     key = ApiKey(
         name=name,
@@ -36,6 +55,7 @@ def create_key(
         tenant=None if role == Role.admin else tenant,
         key_hash=hash_api_key(secret),
         created_at=now or utcnow(),
+        **limits,
     )
     session.add(key)
     return key, secret

@@ -17,6 +17,7 @@ from app import ledger, sealing
 from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
 from app.api.limits import MAX_EVENT_BODY
+from app.api.ratelimit import check_event_rate
 from app.api.schemas import ApiJSON, CloudEvent, HeartbeatData, StartedData, task_view
 from app.db import get_engine
 from app.ledger import EventIn, EventResult
@@ -210,6 +211,7 @@ def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) 
 
 @router.post("/v1/events", status_code=202, tags=["events"])
 async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
+    await check_event_rate(key.id)  # before the body is read: a flood costs little
     body = await request.body()
     event = parse_event(body, request.headers.get("content-type", ""))
     result, answer = await run_in_threadpool(_apply, key, event)

@@ -6,12 +6,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, select
 
-from app import policy
+from app import policy, scope
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.events import check_profiles, parse_event
 from app.api.schemas import ApiJSON
+from app.db import get_engine
+from app.models import ApiKey, Role
 from app.profiles import get_profiles
 
 router = APIRouter(tags=["policy"])
@@ -39,18 +42,32 @@ def _check(event: Any, tenant: str, emitter: str) -> dict[str, Any]:
     ]
     # decide(), not authorize(): a dry run is not counted among real decisions.
     decisions = policy.decide(policy.engine().current(), asks)
-    return {
-        "grants": [
-            {
-                "name": g["name"],
-                "profile": g["profile"],
-                "decision": d.word,
-                "policies": list(d.policies),
-                "reason": d.reason,
-            }
-            for g, d in zip(grants, decisions, strict=True)
-        ]
-    }
+    answers = [
+        {
+            "name": g["name"],
+            "profile": g["profile"],
+            "decision": d.word,
+            "policies": list(d.policies),
+            "reason": d.reason,
+        }
+        for g, d in zip(grants, decisions, strict=True)
+    ]
+    # A named emitter key's scope refuses before any policy, as a real start does.
+    with Session(get_engine()) as session:
+        key = session.exec(
+            select(ApiKey).where(
+                ApiKey.name == emitter, ApiKey.tenant == tenant, ApiKey.role == Role.emitter
+            )
+        ).first()
+    if key is not None:
+        refused_source = scope.source_refusal(key.sources, event.source)
+        for answer in answers:
+            refused = refused_source or scope.grant_refusal(
+                key.workloads, key.profiles, data.get("workload"), answer["profile"]
+            )
+            if refused is not None:
+                answer.update(decision="deny", policies=[], reason=refused)
+    return {"grants": answers}
 
 
 @router.post("/v1/policy/check")
