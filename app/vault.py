@@ -279,9 +279,7 @@ class VaultGateway:
     def renew_lease(self, lease_id: str, increment: int) -> int:
         """Renew (or shorten: Vault counts `increment` from now) a secret's lease;
         returns the TTL Vault granted."""
-        resp = self.call(
-            "renew lease", lambda c: c.sys.renew_lease(lease_id, increment=increment)
-        )
+        resp = self.call("renew lease", lambda c: c.sys.renew_lease(lease_id, increment=increment))
         return int((resp or {}).get("lease_duration") or 0)
 
     def revoke_lease(self, lease_id: str) -> None:
