@@ -58,8 +58,14 @@ def free_port() -> int:
 # --- LEASEHOLD_ENV=production ------------------------------------------------
 
 
+POLICY_FILE = HOME / "production-policies.cedar"
+
+
 def production_env(**override: str | None) -> dict[str, str]:
-    """A complete production configuration on the test run's services, then `override`."""
+    """A complete production configuration on the test run's services, then `override`.
+
+    The test OpenBao listens on plain http, so LEASEHOLD_INSECURE_BACKENDS=1."""
+    POLICY_FILE.write_text("// policies for the production tests\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(
@@ -71,6 +77,8 @@ def production_env(**override: str | None) -> dict[str, str]:
         LEASEHOLD_VAULT_ADDR=os.environ["LEASEHOLD_VAULT_ADDR"],
         LEASEHOLD_VAULT_TOKEN=VAULT_TOKEN,
         LEASEHOLD_PROFILES_FILE=os.environ["LEASEHOLD_PROFILES_FILE"],
+        LEASEHOLD_POLICY_FILE=str(POLICY_FILE),
+        LEASEHOLD_INSECURE_BACKENDS="1",
     )
     for name, value in override.items():
         key = f"LEASEHOLD_{name.upper()}"
@@ -85,6 +93,63 @@ def test_production_with_everything_configured_starts(tmp_path: Path) -> None:
     done = run("db", "upgrade", env=production_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / ".leasehold").exists()  # no embedded default was used
+    # Plain-http Vault was allowed by LEASEHOLD_INSECURE_BACKENDS=1: said at every start.
+    assert "LEASEHOLD_VAULT_ADDR is plain http" in done.stderr
+    again = run("keys", "list", env=production_env(), cwd=tmp_path)
+    assert "LEASEHOLD_VAULT_ADDR is plain http" in again.stderr
+
+
+def test_production_over_https_says_nothing_insecure(tmp_path: Path) -> None:
+    env = production_env(vault_addr="https://vault.invalid:8200", insecure_backends=None)
+    done = run("keys", "list", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "plain http" not in done.stderr
+
+
+def test_production_lists_every_unsafe_setting_by_name_only(tmp_path: Path) -> None:
+    short_key = "short-key-do-not-print-31-bytes"  # 31 bytes
+    assert len(short_key) == 31
+    env = production_env(
+        database_url="sqlite:///ledger.db",
+        broker_url=None,
+        secret_key=f"{SECRET_KEY},{short_key}",  # an old key in rotation is a key too
+        vault_addr=f"http://{VAULT_TOKEN}.invalid:8200",
+        insecure_backends=None,
+        policy_file=str(tmp_path / "no-such-policies.cedar"),
+    )
+    done = run("db", "upgrade", env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    for name in (
+        "LEASEHOLD_DATABASE_URL",
+        "LEASEHOLD_BROKER_URL",
+        "LEASEHOLD_SECRET_KEY",
+        "LEASEHOLD_VAULT_ADDR",
+        "LEASEHOLD_POLICY_FILE",
+    ):
+        assert name in done.stderr, name
+    for value in (*SECRETS, short_key, "no-such-policies", "ledger.db"):
+        assert value not in output, value
+    assert "Traceback" not in output
+    assert not (tmp_path / "ledger.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        pytest.param({"secret_key": "x" * 31}, "LEASEHOLD_SECRET_KEY", id="short-key"),
+        pytest.param({"insecure_backends": None}, "LEASEHOLD_VAULT_ADDR", id="plain-http-vault"),
+        pytest.param({"policy_file": "/nonexistent/p.cedar"}, "LEASEHOLD_POLICY_FILE", id="policy"),
+        pytest.param({"vault_addr": None}, "LEASEHOLD_VAULT_ADDR", id="no-vault"),
+    ],
+)
+def test_production_refuses_each_unsafe_setting(
+    tmp_path: Path, override: dict[str, str | None], expected: str
+) -> None:
+    done = run("db", "upgrade", env=production_env(**override), cwd=tmp_path)
+    assert done.returncode != 0, done.stderr
+    assert f"{expected} (" in done.stderr
+    assert "x" * 31 not in done.stdout + done.stderr
 
 
 PG_WITH_PASSWORD = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/postgres"
