@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import tomllib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -496,3 +498,67 @@ def test_every_bad_profile_is_reported_at_once() -> None:
     for _, profile, field in BAD_PROFILES.values():
         assert f"profile '{profile}'" in message and field in message
     assert DB_PASSWORD not in message
+
+
+# --- `leasehold db upgrade` with a real password ----------------------------------
+
+AWKWARD_PASSWORD = "p@ss%w/rd:do-not-print"  # every character a URL treats specially
+
+
+@pytest.fixture
+def password_role() -> Iterator[tuple[str, str]]:
+    """A login role with AWKWARD_PASSWORD owning a fresh database: (role, database)."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"lh_h3pw_{uuid.uuid4().hex[:8]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(AWKWARD_PASSWORD)
+            )
+        )
+        # PostgreSQL 15's pg_hba.conf reaches lh_ roles by this group (.ci/pg-setup.sh).
+        conn.execute(sql.SQL("GRANT leasehold_scram_login TO {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {0} OWNER {0}").format(sql.Identifier(name)))
+    try:
+        yield name, name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_db_upgrade_with_a_percent_encoded_password(
+    tmp_path: Path, password_role: tuple[str, str]
+) -> None:
+    from urllib.parse import quote
+
+    role, db = password_role
+    url = f"postgresql://{role}:{quote(AWKWARD_PASSWORD, safe='')}@127.0.0.1:5432/{db}"
+    env = {
+        **profiles_env(Path(os.environ["LEASEHOLD_PROFILES_FILE"])),
+        "LEASEHOLD_DATABASE_URL": url,
+    }
+    done = run("db", "upgrade", env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "ledger is up to date" in done.stdout
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user=role, password=AWKWARD_PASSWORD, dbname=db, connect_timeout=5
+    ) as conn:  # migrated as that role, over a password login
+        assert conn.execute("SELECT count(*) FROM installation").fetchone() == (1,)
+    # A wrong password fails with the driver's reason, and no URL or password.
+    wrong = url.replace(quote(AWKWARD_PASSWORD, safe=""), quote("wrong@pw%2F", safe=""))
+    failed = run("db", "upgrade", env={**env, "LEASEHOLD_DATABASE_URL": wrong}, cwd=tmp_path)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "password authentication failed" in failed.stderr
+    for leak in ("postgresql://", "wrong", "pw%2F", AWKWARD_PASSWORD, quote(AWKWARD_PASSWORD)):
+        assert leak not in output, leak
+    assert "Traceback" not in output
