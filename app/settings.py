@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     metrics_token: SecretStr | None = None
     metrics_dir: Path | None = None  # multiprocess metrics files; default <home>/metrics
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # a worker's own /metrics
+    metrics_host: str = "127.0.0.1"
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     sentry_dsn: SecretStr | None = None
