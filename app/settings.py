@@ -191,7 +191,10 @@ def _generated_secret_key(home: Path) -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    settings = Settings()
+    # LEASEHOLD_SECRETS_DIR: a directory of files named like the variables
+    # (`leasehold_database_url`, ...), e.g. Docker secrets; a variable still wins.
+    secrets_dir = os.environ.get("LEASEHOLD_SECRETS_DIR") or None
+    settings = Settings(_secrets_dir=secrets_dir)
     # Once per process, so every start of every process says it.
     for warning in settings.insecure_warnings():
         log.warning(warning)

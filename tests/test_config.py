@@ -604,3 +604,21 @@ def test_dependencies_are_what_the_code_imports() -> None:
     assert "pip install -c constraints.txt ." in dockerfile and "[local]" not in dockerfile
     pinned = {canon(line.split("==")[0]) for line in pins.splitlines() if "==" in line}
     assert declared <= pinned, declared - pinned
+
+
+def test_production_reads_secrets_from_files(tmp_path: Path) -> None:
+    """compose.yaml's shape: generated secrets in files, not in the environment."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    env = production_env(database_url=None, secret_key=None, vault_token=None)
+    (secrets_dir / "leasehold_database_url").write_text(os.environ["LEASEHOLD_DATABASE_URL"] + "\n")
+    (secrets_dir / "leasehold_secret_key").write_text(SECRET_KEY)
+    (secrets_dir / "leasehold_vault_token").write_text(VAULT_TOKEN)
+    refused = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert refused.returncode != 0 and "LEASEHOLD_SECRET_KEY" in refused.stderr
+    done = run(
+        "db", "upgrade", env={**env, "LEASEHOLD_SECRETS_DIR": str(secrets_dir)}, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    for secret in SECRETS:
+        assert secret not in done.stdout + done.stderr
