@@ -622,3 +622,52 @@ def test_production_reads_secrets_from_files(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for secret in SECRETS:
         assert secret not in done.stdout + done.stderr
+
+
+# --- compose.yaml ------------------------------------------------------------------
+
+
+def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    # No default password, key or root token anywhere in the file.
+    assert not re.search(r"PASSWORD:\s*\S|:-leasehold\}|ROOT_TOKEN_ID:\s*\S|-dev-root", text)
+    assert "POSTGRES_PASSWORD_FILE" in services["postgres"]["environment"]
+    for name in ("api", "worker", "worker-revoke", "beat", "migrate"):
+        service = services[name]
+        env = service["environment"]
+        assert "pid" not in service, name  # a stopped api must not take the others with it
+        assert env["LEASEHOLD_ENV"].startswith("${LEASEHOLD_ENV:-production}"), name
+        assert {
+            "LEASEHOLD_DATABASE_URL",
+            "LEASEHOLD_SECRET_KEY",
+            "LEASEHOLD_VAULT_TOKEN",
+        }.isdisjoint(env), name  # from the generated files
+        assert env["LEASEHOLD_SECRETS_DIR"] == "/run/leasehold-secrets"
+        assert env["LEASEHOLD_POLICY_FILE"]
+        assert not any("metrics" in str(v) for v in service.get("volumes", [])), name
+    for name in ("worker", "worker-revoke"):
+        assert "api" not in services[name].get("depends_on", {}), name
+        assert services[name]["environment"]["LEASEHOLD_METRICS_PORT"] == "9808"
+    # The generator makes each secret once, strong, and a URL that parses.
+    script = services["secrets"]["command"][0].replace("/run/leasehold-secrets", str(tmp_path))
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    first = {f.name: f.read_text() for f in tmp_path.iterdir()}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == first  # kept, not rotated
+    assert len(first["postgres_password"]) >= 32 and len(first["leasehold_secret_key"]) >= 48
+    from app.settings import Settings
+
+    for name in ("DATABASE_URL", "SECRET_KEY", "VAULT_TOKEN"):
+        monkeypatch.delenv(f"LEASEHOLD_{name}", raising=False)  # a variable would win
+    settings = Settings(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.database_url == (
+        f"postgresql://leasehold:{first['postgres_password']}@postgres:5432/leasehold"
+    )
+    assert settings.secret_key is not None
+    assert settings.secret_key.get_secret_value() == first["leasehold_secret_key"]
