@@ -8,11 +8,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README* ./
+COPY pyproject.toml constraints.txt README* ./
 COPY app ./app
 COPY workers ./workers
 COPY schedules ./schedules
-RUN pip install . \
+# No extras: the `local` extra's OpenBao dev server has no place in production.
+RUN pip install -c constraints.txt . \
     && useradd --system --home-dir /var/lib/leasehold --create-home leasehold \
     && install -d -o leasehold /var/lib/leasehold/metrics \
     && rm -rf /src

@@ -78,7 +78,11 @@ def db_upgrade() -> None:
     settings()
     from app.migrate import upgrade
 
-    upgrade()
+    try:
+        upgrade()
+    except Exception as exc:
+        # Database errors may quote the URL (and its password): say what failed, no URL.
+        raise fail(f"db upgrade failed: {_without_urls(exc)}") from None
     echo("ledger is up to date")
 
 
@@ -87,6 +91,14 @@ def _listed(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [part for value in values for part in value.split(",")]
+
+
+def _without_urls(exc: BaseException) -> str:
+    import re
+
+    cause = getattr(exc, "orig", None) or exc  # the driver's own message, not SQLAlchemy's
+    text = " ".join(str(cause).split())[:500]
+    return f"{type(cause).__name__}: " + re.sub(r"[A-Za-z][\w+.-]*://\S*", "<url>", text)
 
 
 @keys_cli.command("create")

@@ -4,9 +4,12 @@ Counters and histograms are incremented in Celery worker processes but served
 by the API process, so they use prometheus_client's multiprocess mode: each
 process writes its own mmapped files into one directory
 (LEASEHOLD_METRICS_DIR, default <LEASEHOLD_HOME>/metrics) and a scrape sums
-them. That directory must be shared by every process of the installation on
-ONE host and in one PID namespace: files are named by PID, and a dead
-process's files are recognised by its PID being gone.
+them. One directory serves the processes of ONE host and PID namespace (files
+are named by PID; a dead process's files are recognised by its PID being gone):
+a container, or `leasehold up`'s machine. In containers each keeps its own
+directory and a worker serves it on LEASEHOLD_METRICS_PORT (`serve`); the
+API's /metrics adds the ledger's gauges. Prometheus sums the counters over
+the scraped instances.
 
 Files of dead processes are merged into one archive file per type (never
 deleted with their counts, which would make counters go backwards) under an
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hmac
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import (
@@ -378,8 +383,9 @@ class PolicyCollector(Collector):
         )
 
 
-def render() -> bytes:
-    """The Prometheus text exposition of every process's metrics and the ledger's gauges."""
+def render(*, ledger: bool = True) -> bytes:
+    """The Prometheus text exposition of this directory's processes, and (the API's
+    scrape) the ledger's gauges, which are installation-wide: served once."""
     global _series_ready
     path = prepare()
     if not _series_ready:
@@ -387,7 +393,84 @@ def render() -> bytes:
         _series_ready = True
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FilesCollector(path))
-    registry.register(LedgerCollector())
-    registry.register(PolicyCollector())
+    if ledger:
+        registry.register(LedgerCollector())
+        registry.register(PolicyCollector())  # the API decides; workers hold no policy
     with _dir_lock(path, shared=True):
         return generate_latest(registry)
+
+
+# --- a worker's own endpoint ---------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    timeout = 5  # a slow client never holds a thread for long
+    server_version = "leasehold-metrics"
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self._answer(404, b"not found\n", "text/plain")
+            return
+        token = get_settings().metrics_token
+        if token is not None:
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+                self._answer(401, b"a valid metrics token is required\n", "text/plain")
+                return
+        try:
+            body = render(ledger=False)
+        except Exception:
+            logger.exception("metrics: scrape failed")
+            self._answer(500, b"scrape failed\n", "text/plain")
+            return
+        self._answer(200, body, CONTENT_TYPE)
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # scrapes are not worth a log line each
+
+
+_server: ThreadingHTTPServer | None = None
+
+
+def serve(settings: Settings | None = None) -> int | None:
+    """Serve this process's directory on LEASEHOLD_METRICS_PORT (once); returns the port."""
+    global _server
+    settings = settings or get_settings()
+    if settings.metrics_port is None:
+        return None
+    prepare(settings)  # takes _lock itself
+    with _lock:
+        if _server is None:
+            server = ThreadingHTTPServer((settings.metrics_host, settings.metrics_port), _Handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+            _server = server
+            logger.info("metrics on %s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        return int(_server.server_address[1])
+
+
+def _serve_in_worker(**_: object) -> None:
+    """The worker's main process serves its pool's files (the pool is forked by now)."""
+    try:
+        serve()
+    except OSError as exc:  # a taken port must not stop revocations
+        logger.error("metrics: cannot listen on LEASEHOLD_METRICS_PORT: %s", exc)
+
+
+def _connect_worker_signal() -> None:
+    from celery.signals import worker_ready
+
+    worker_ready.connect(_serve_in_worker, weak=False)
+
+
+_connect_worker_signal()

@@ -15,7 +15,9 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", url or get_settings().sqlalchemy_url)
+    # Alembic's config is a ConfigParser: a percent-encoded password ("%40") would be
+    # read as interpolation, so every "%" is doubled; get_main_option undoes it.
+    cfg.set_main_option("sqlalchemy.url", (url or get_settings().sqlalchemy_url).replace("%", "%%"))
     return cfg
 
 

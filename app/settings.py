@@ -7,6 +7,7 @@ calling `get_settings.cache_clear()`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from functools import cached_property, lru_cache
@@ -17,6 +18,8 @@ from pydantic import Field, PrivateAttr, SecretStr, computed_field, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_OPENBAO_FILE = "openbao-dev.json"  # address and root token of `up`'s dev server
+MIN_SECRET_KEY_BYTES = 32  # production: a key an attacker cannot guess
+log = logging.getLogger("leasehold")
 
 
 class Settings(BaseSettings):
@@ -46,6 +49,8 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     metrics_token: SecretStr | None = None
     metrics_dir: Path | None = None  # multiprocess metrics files; default <home>/metrics
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # a worker's own /metrics
+    metrics_host: str = "127.0.0.1"
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     sentry_dsn: SecretStr | None = None
@@ -53,6 +58,7 @@ class Settings(BaseSettings):
     key: SecretStr | None = None
     backend_timeout: float = Field(5.0, gt=0)  # every external call is bounded
     event_rate_limit: float | None = Field(None, gt=0)  # events per second per key; None: none
+    insecure_backends: bool = False  # production accepts plain-http Vault (with a warning)
 
     @model_validator(mode="after")
     def _embedded_openbao(self) -> Settings:
@@ -74,28 +80,65 @@ class Settings(BaseSettings):
         return self._embedded_vault
 
     @model_validator(mode="after")
-    def _refuse_embedded_in_production(self) -> Settings:
+    def _refuse_unsafe_in_production(self) -> Settings:
+        """PRODUCT.md guarantee 7: production names every unsafe setting at once,
+        by its variable, never by its value (a value may be a secret)."""
         if self.env != "production":
             return self
-        missing = [
-            name
-            for name, value in (
-                ("LEASEHOLD_DATABASE_URL", self.database_url),
-                ("LEASEHOLD_BROKER_URL", self.broker_url),
-                ("LEASEHOLD_SECRET_KEY", self.secret_key),
-                ("LEASEHOLD_VAULT_ADDR", self.vault_addr),
-            )
-            if not value
-        ]
-        if missing:
-            raise ValueError(
-                "LEASEHOLD_ENV=production refuses embedded defaults; set " + ", ".join(missing)
-            )
-        if self.database_url and self.database_url.startswith("sqlite"):
-            raise ValueError("LEASEHOLD_ENV=production refuses SQLite; use PostgreSQL")
-        if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://")):
-            raise ValueError("LEASEHOLD_ENV=production needs a Redis LEASEHOLD_BROKER_URL")
+        problems = [f"{name} ({why})" for name, why in self.production_problems()]
+        if problems:
+            raise ValueError("LEASEHOLD_ENV=production refuses: " + "; ".join(problems))
         return self
+
+    def production_problems(self) -> list[tuple[str, str]]:
+        """(variable, reason) for each setting production refuses; no values."""
+        problems: list[tuple[str, str]] = []
+        if not self.database_url:
+            problems.append(("LEASEHOLD_DATABASE_URL", "unset: the embedded SQLite default"))
+        elif self.is_sqlite:
+            problems.append(("LEASEHOLD_DATABASE_URL", "refuses SQLite; use PostgreSQL"))
+        if not self.broker_url:
+            problems.append(("LEASEHOLD_BROKER_URL", "unset: the embedded filesystem broker"))
+        elif not self.broker_url.startswith(("redis://", "rediss://")):
+            problems.append(("LEASEHOLD_BROKER_URL", "not Redis: needs a Redis URL"))
+        if self.secret_key is None:
+            problems.append(("LEASEHOLD_SECRET_KEY", "unset: the generated local key"))
+        else:
+            keys = [k.strip() for k in self.secret_key.get_secret_value().split(",")]
+            if not any(keys) or any(len(k.encode()) < MIN_SECRET_KEY_BYTES for k in keys if k):
+                problems.append(
+                    (
+                        "LEASEHOLD_SECRET_KEY",
+                        f"every key needs {MIN_SECRET_KEY_BYTES} bytes or more",
+                    )
+                )
+        if not self.vault_addr:
+            problems.append(("LEASEHOLD_VAULT_ADDR", "unset: the embedded OpenBao dev server"))
+        elif self.vault_addr.lower().startswith("http://") and not self.insecure_backends:
+            problems.append(
+                (
+                    "LEASEHOLD_VAULT_ADDR",
+                    "plain http: use https, or set LEASEHOLD_INSECURE_BACKENDS=1",
+                )
+            )
+        if self.vault_addr and self.vault_token is None and not self.vault_role_id:
+            problems.append(
+                ("LEASEHOLD_VAULT_TOKEN", "unset, and no LEASEHOLD_VAULT_ROLE_ID either")
+            )
+        if not self.policy_file.is_file():
+            problems.append(("LEASEHOLD_POLICY_FILE", "no such file"))
+        return problems
+
+    def insecure_warnings(self) -> list[str]:
+        """What LEASEHOLD_INSECURE_BACKENDS=1 let through (said at every start)."""
+        if not self.insecure_backends or not self.vault_addr:
+            return []
+        if self.vault_addr.lower().startswith("http://"):
+            return [
+                "LEASEHOLD_VAULT_ADDR is plain http (allowed by LEASEHOLD_INSECURE_BACKENDS=1): "
+                "tokens and secrets cross the network unencrypted"
+            ]
+        return []
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -149,4 +192,11 @@ def _generated_secret_key(home: Path) -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    # LEASEHOLD_SECRETS_DIR: a directory of files named like the variables
+    # (`leasehold_database_url`, ...), e.g. Docker secrets; a variable still wins.
+    secrets_dir = os.environ.get("LEASEHOLD_SECRETS_DIR") or None
+    settings = Settings(_secrets_dir=secrets_dir)
+    # Once per process, so every start of every process says it.
+    for warning in settings.insecure_warnings():
+        log.warning(warning)
+    return settings

@@ -226,12 +226,16 @@ class VaultGateway:
         meta: dict[str, str],
         display_name: str,
     ) -> dict[str, Any]:
-        """A renewable child of Leasehold's token with exactly these policies."""
+        """A renewable child of Leasehold's token with exactly these policies.
+
+        Vault adds its `default` policy (lookup-self, cubbyhole, ...) unless told
+        not to: the token gets it only when `policies` names it.
+        """
         resp = self.call(
             "create token",
             lambda c: c.auth.token.create(
                 policies=policies,
-                no_default_policy=True,
+                no_default_policy="default" not in policies,
                 renewable=True,
                 ttl=f"{ttl}s",
                 explicit_max_ttl=f"{explicit_max_ttl}s",
@@ -271,6 +275,15 @@ class VaultGateway:
             lambda c: c.auth.token.renew_accessor(accessor, increment=f"{increment}s"),
         )
         return int(resp["auth"]["lease_duration"])
+
+    def renew_lease(self, lease_id: str, increment: int) -> int:
+        """Renew (or shorten: Vault counts `increment` from now) a secret's lease;
+        returns the TTL Vault granted."""
+        resp = self.call("renew lease", lambda c: c.sys.renew_lease(lease_id, increment=increment))
+        return int((resp or {}).get("lease_duration") or 0)
+
+    def revoke_lease(self, lease_id: str) -> None:
+        self.call("revoke lease", lambda c: c.sys.revoke_lease(lease_id))
 
     def list_accessors(self) -> list[str]:
         """Every token accessor (needs sudo on auth/token/accessors)."""

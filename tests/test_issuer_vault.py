@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -424,3 +425,54 @@ def test_dynamic_extend_renews_the_token(
     assert _root(vault).auth.token.lookup_accessor(minted.ref)["data"]["ttl"] > 150
     issuer.revoke(minted.ref)
     assert _wait(lambda: not database.has_role(minted.secret["username"]), timeout=5)
+
+
+def test_token_gets_default_policy_only_when_the_profile_lists_it(
+    vault: DevServer, installation: str
+) -> None:
+    profile = VaultTokenProfile(
+        name="with-default", issuer="vault-token", policies=(READ_POLICY, "default"), max_ttl=600
+    )
+    issuer = VaultTokenIssuer(profile, installation_id=installation, settings=_settings(vault))
+    minted = issuer.mint(_request(120, installation=installation))
+    data = _root(vault).auth.token.lookup_accessor(minted.ref)["data"]
+    assert sorted(data["policies"]) == ["default", READ_POLICY]
+    own = hvac.Client(url=vault.addr, token=minted.secret["token"], timeout=5)
+    assert own.auth.token.lookup_self()["data"]["accessor"] == minted.ref  # default allows it
+    issuer.revoke(minted.ref)
+
+
+def _live_leases(server: DevServer) -> list[dict[str, Any]]:
+    """Every live lease under the test's database mounts."""
+    root = _root(server)
+    leases = []
+    for mount in root.sys.list_mounted_secrets_engines()["data"]:
+        if not mount.startswith("lhdb"):
+            continue
+        for role in root.list(f"sys/leases/lookup/{mount}creds")["data"]["keys"]:
+            prefix = f"{mount}creds/{role}"
+            for key in root.list(f"sys/leases/lookup/{prefix}")["data"]["keys"]:
+                leases.append(root.sys.read_lease(f"{prefix}{key}")["data"])
+    return leases
+
+
+def test_dynamic_lease_ends_by_the_deadline_not_the_roles_default(
+    vault: DevServer, database: Database, installation: str
+) -> None:
+    # The role's default_ttl is 300 s; the task's deadline is 40 s away.
+    issuer = _dynamic_issuer(vault, installation, database)
+    req = _request(40, installation=installation)
+    minted = issuer.mint(req)
+    username = minted.secret["username"]
+    with psycopg.connect(**PG, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = %s", (username,)
+        ).fetchone()
+    assert row is not None and row[0] is not None
+    # PostgreSQL's VALID UNTIL follows the lease (OpenBao adds a few seconds' slack).
+    assert row[0] <= req.expires_at + timedelta(seconds=10)
+    leases = _live_leases(vault)
+    assert len(leases) == 1, leases  # the other tests' leases are gone
+    assert 0 < leases[0]["ttl"] <= 40
+    issuer.revoke(minted.ref)
+    assert _wait(lambda: not database.has_role(username), timeout=5)

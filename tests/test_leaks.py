@@ -29,7 +29,42 @@ from tests.helpers import (
     unique,
 )
 
-PG_LOG = Path("/var/log/postgresql/postgresql-15-main.log")
+
+def server_log() -> Path:
+    """The running server's log file, found by asking it (any version, any layout).
+
+    The collector's current file (pg_current_logfile), else Debian's per-cluster
+    stderr file (pg_lsclusters, matched by data directory). Fails, never skips:
+    a leak check that cannot read the log proves nothing.
+    """
+    import shutil
+    import subprocess
+
+    import psycopg
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres") as conn:
+        row = conn.execute(
+            "SELECT pg_current_logfile(), current_setting('data_directory')"
+        ).fetchone()
+    assert row is not None
+    current, data_dir = row
+    if current:
+        found = Path(current) if Path(current).is_absolute() else Path(data_dir) / current
+    else:
+        assert shutil.which("pg_lsclusters"), "no logging collector and no pg_lsclusters"
+        listing = subprocess.run(
+            ["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+        logs = [
+            fields[6]
+            for fields in (line.split() for line in listing.splitlines())
+            if len(fields) >= 7 and fields[5] == data_dir
+        ]
+        assert logs, f"pg_lsclusters names no log file for {data_dir}"
+        found = Path(logs[0])
+    with found.open("rb"):  # readable, or the test fails here
+        pass
+    return found
 
 
 class Monitor:
@@ -78,7 +113,8 @@ def test_no_secret_escapes(
     app_client: Any, keys: dict[str, str], worker: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    pg_log_start = PG_LOG.stat().st_size if PG_LOG.exists() else 0
+    pg_log_file = server_log()
+    pg_log_start = pg_log_file.stat().st_size
     worker_log_start = worker.stat().st_size
     name = unique("leak")
     grants = {"db": "reports-readonly", "kv": "kv-reader", "cache": "task-cache"}
@@ -138,7 +174,9 @@ def test_no_secret_escapes(
                 )
             )
     worker_log = worker.read_text()[worker_log_start:]
-    pg_log = PG_LOG.read_text(errors="replace")[pg_log_start:] if PG_LOG.exists() else ""
+    with pg_log_file.open("rb") as fh:
+        fh.seek(pg_log_start)
+        pg_log = fh.read().decode(errors="replace")
 
     places = {
         "api logs": caplog.text,
@@ -155,8 +193,7 @@ def test_no_secret_escapes(
     assert "workers.revoke.revoke_credential" in places["broker traffic"]
     cred_ids = {c.id for c in credentials_of("t1", name)}
     assert all(i in places["broker traffic"] for i in cred_ids)  # decoded bodies: ids only
-    if PG_LOG.exists():
-        assert role and role in pg_log, "statement logging is not on; the check would be empty"
+    assert role and role in pg_log, "statement logging is not on; the check would be empty"
     for secret in secrets:
         for place, content in places.items():
             assert secret not in content, f"a secret leaked into {place}"

@@ -299,3 +299,59 @@ def test_json_log_lines_carry_fields_and_no_secret(json_lines: list[str]) -> Non
         "lhk_abcdefghijklmnop",
     ):
         assert leaked not in text
+
+
+# --- a worker container's own endpoint ---------------------------------------------
+
+
+def test_a_worker_serves_its_own_metrics_on_its_port(tmp_path: Path, dead_pid: int) -> None:
+    """compose.yaml's shape: a worker with its own directory (no PID namespace shared
+    with the api) serves its processes' counters; the ledger's gauges stay with the api."""
+    import httpx
+
+    from tests.conftest import start_worker, stop_process
+    from tests.isolated import free_port
+
+    port = free_port()
+    directory = tmp_path / "metrics"
+    env = {
+        "LEASEHOLD_METRICS_PORT": str(port),
+        "LEASEHOLD_METRICS_DIR": str(directory),
+        "LEASEHOLD_METRICS_TOKEN": "worker-metrics-token",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = start_worker("metrics", tmp_path / "worker.log", "--concurrency", "1")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        # A count left by one of this worker's (now gone) pool processes.
+        labels = {"issuer": "redis", "profile": "task-cache", "outcome": "ok"}
+        _write(directory / f"counter_{dead_pid}.db", "leasehold_mints", labels, 5)
+        refused = wait_until(lambda: _get(url, {}), timeout=10)
+        assert refused.status_code == 401
+        answer = _get(url, auth("worker-metrics-token"))
+        assert answer is not None and answer.status_code == 200, answer
+        assert answer.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(answer.text)}
+        assert value(families, "leasehold_mints_total", **labels) == 5
+        assert set(COUNTERS) | HISTOGRAMS <= set(families)
+        assert not set(GAUGES) & set(families)  # installation-wide: the api serves them
+        assert httpx.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code == 404
+    finally:
+        stop_process(proc)
+
+
+def _get(url: str, headers: dict[str, str]) -> Any:
+    import httpx
+
+    try:
+        return httpx.get(url, headers=headers, timeout=5)
+    except httpx.TransportError:
+        return None  # not listening yet

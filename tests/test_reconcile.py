@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -420,15 +421,54 @@ def test_cli_sweep_prints_what_it_found(inst: str) -> None:
     assert not issuer("task-cache", inst).exists(orphan.ref)
 
 
-def test_beat_runs_the_reconciliation() -> None:
-    import schedules.beat
-    from app.settings import get_settings
-    from workers.celery_app import celery_app
+def test_beat_runs_the_reconciliation(worker: Path, tmp_path: Path) -> None:
+    """A real `leasehold beat` with a 2 s interval makes the worker record sweeps.
 
-    schedules.beat.install_schedule()
-    entry = celery_app.conf.beat_schedule["reconcile"]
-    assert entry["task"] == "schedules.reconcile.reconcile_task"
-    assert entry["schedule"] == get_settings().reconcile_interval
+    The session worker's own beat reconciles once an hour (conftest), so the
+    scheduled sweeps in this window come from this beat.
+    """
+    import signal
+
+    from app.models import utcnow
+    from tests.conftest import stop_process, wait_until
+
+    since = utcnow()
+    log = tmp_path / "beat.log"
+    env = {
+        **os.environ,
+        "LEASEHOLD_RECONCILE_INTERVAL": "2",
+        "LEASEHOLD_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "beat"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def scheduled() -> list[Sweep]:
+        with session_scope() as session:
+            rows = session.exec(select(Sweep).where(Sweep.started_at >= since)).all()
+        return [r for r in rows if (r.detail or {}).get("trigger") == "schedule"]
+
+    def three() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return len(scheduled()) >= 3
+
+    try:
+        wait_until(three, timeout=40, interval=0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+    done = [s for s in scheduled() if s.finished_at is not None]
+    assert done, "no scheduled sweep finished"
 
 
 # --- lost messages, leases, failures (issue 7) -------------------------------------------

@@ -65,20 +65,24 @@ def _libpq_url(dsn: str) -> str:
     return scheme.split("+", 1)[0] + sep + rest
 
 
+# What of the admin DSN's query string a credential's DSN keeps: where the server
+# is and how strictly to insist on TLS. Everything else (sslkey, sslpassword,
+# sslcert, passfile, options, service, ...) is the admin's own and stays here.
+_DSN_KEPT = frozenset(
+    {"host", "hostaddr", "port", "dbname", "sslmode", "target_session_attrs", "connect_timeout"}
+)
+
+
 def credential_dsn(dsn: str, username: str, password: str) -> str:
-    """The profile's DSN with its user and password replaced by the credential's."""
+    """The server's address with the credential's user and password, nothing more."""
     parts = urlsplit(_libpq_url(dsn))
     hosts = parts.netloc.rpartition("@")[2]
     userinfo = f"{quote(username, safe='')}:{quote(password, safe='')}"
-    # A user or password in the query string would override the userinfo.
     query = urlencode(
-        [
-            (k, v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-            if k not in ("user", "password", "passfile")
-        ]
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in _DSN_KEPT],
+        quote_via=quote,  # libpq reads "+" as a plus, not a space
     )
-    return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, ""))
 
 
 class PostgresIssuer:
@@ -269,21 +273,42 @@ class PostgresIssuer:
     def _create_login(
         self, name: str, verifier: str, expires_at: datetime, credential_id: str, group: str
     ) -> None:
+        with self._connection() as conn:
+            conn.execute(
+                self._create_login_sql(
+                    conn.info.server_version, name, verifier, expires_at, credential_id, group
+                )
+            )
+
+    def _create_login_sql(
+        self,
+        server_version: int,
+        name: str,
+        verifier: str,
+        expires_at: datetime,
+        credential_id: str,
+        group: str,
+    ) -> sql.Composed:
+        """One simple query, so one implicit transaction: atomic, one round trip.
+
+        From PostgreSQL 16 the membership is INHERIT TRUE, SET FALSE: the login
+        role uses the group's grants but cannot `SET ROLE` to the group, so what it
+        creates is its own (and goes with it), never the shared group's. Before 16
+        a membership always allows SET ROLE (README: "PostgreSQL 15").
+        """
         ident = sql.Identifier(name)
         comment = f"leasehold installation={self.installation_id} credential={credential_id}"
-        # One simple query runs as one implicit transaction: atomic, one round trip.
-        stmt = sql.SQL(
-            "CREATE ROLE {} LOGIN PASSWORD {} VALID UNTIL {} IN ROLE {}; COMMENT ON ROLE {} IS {}"
-        ).format(
-            ident,
-            sql.Literal(verifier),
-            sql.Literal(expires_at.isoformat()),
-            sql.Identifier(group),
-            ident,
-            sql.Literal(comment),
+        create = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} VALID UNTIL {}").format(
+            ident, sql.Literal(verifier), sql.Literal(expires_at.isoformat())
         )
-        with self._connection() as conn:
-            conn.execute(stmt)
+        if server_version >= 160000:
+            member = sql.SQL("GRANT {} TO {} WITH INHERIT TRUE, SET FALSE").format(
+                sql.Identifier(group), ident
+            )
+        else:
+            member = sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), ident)
+        note = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(comment))
+        return sql.SQL("; ").join([create, member, note])
 
     def _drop(self, name: str) -> None:
         """NOLOGIN, end its sessions, DROP, verify: no gap for a new session."""

@@ -186,16 +186,44 @@ class VaultDynamicIssuer(_TokenIssuer):
         auth, ttl = self._create_token(req, [self.policy])
         try:
             secret, lease = self._read(auth["client_token"], wrap_ttl=ttl)
+            if lease is not None:
+                lease_ttl = self._bound_lease(*lease, req.expires_at)
+                ttl = min(ttl, lease_ttl)
         except BaseException:
             self._discard(auth["accessor"])
             raise
         expires_at = min(req.expires_at, now + timedelta(seconds=ttl))
-        if lease:
-            expires_at = min(expires_at, now + timedelta(seconds=lease))
         return Minted(ref=auth["accessor"], secret=secret, expires_at=expires_at)
 
-    def _read(self, token: str, *, wrap_ttl: int) -> tuple[dict[str, Any], int]:
-        """Read the path as the credential's token: (secret, lease seconds or 0)."""
+    def _bound_lease(self, lease_id: str, duration: int, deadline: datetime) -> int:
+        """Make the secret's own lease end by the deadline; returns its TTL.
+
+        The token's expiry revokes the lease too, but only while Vault's expiration
+        manager gets to it; the lease's own TTL (a database role's VALID UNTIL, say)
+        must not promise more. Vault counts a renewal's increment from now, so a
+        renewal with the seconds left shortens a longer lease. An engine that will
+        not shorten it fails the mint (fail closed).
+        """
+        left = _seconds_until(deadline, cap=self.profile.max_ttl)
+        if 0 < duration <= left:
+            return duration
+        try:
+            granted = self._gateway.renew_lease(lease_id, left)
+        except IssuerError as exc:
+            raise PermanentIssuerError(
+                f"vault read {self.path}: the lease cannot be shortened to the deadline ({exc})"
+            ) from None
+        if not 0 < granted <= left:
+            raise PermanentIssuerError(
+                f"vault read {self.path}: the lease lasts {granted} s, past the deadline"
+            )
+        return granted
+
+    def _read(self, token: str, *, wrap_ttl: int) -> tuple[dict[str, Any], tuple[str, int] | None]:
+        """Read the path as the credential's token: (secret, (lease id, seconds) or None).
+
+        A wrapped response hides the lease from Leasehold: the token's TTL bounds it.
+        """
         client = self._gateway.client_for(token)
         wrap = f"{wrap_ttl}s" if self.profile.wrap else None
         with vault_errors(f"read {self.path}"):
@@ -206,8 +234,11 @@ class VaultDynamicIssuer(_TokenIssuer):
             wrap_info = resp.get("wrap_info") or {}
             if not wrap_info.get("token"):
                 raise PermanentIssuerError(f"vault read {self.path}: response was not wrapped")
-            return {"wrap_token": wrap_info["token"]}, 0
+            return {"wrap_token": wrap_info["token"]}, None
         data = resp.get("data")
         if not isinstance(data, dict):
             raise PermanentIssuerError(f"vault read {self.path}: response carried no data")
-        return data, int(resp.get("lease_duration") or 0)
+        lease_id = resp.get("lease_id") or ""
+        # A static secret (kv) has no lease: nothing outlives the token there.
+        lease = (lease_id, int(resp.get("lease_duration") or 0)) if lease_id else None
+        return data, lease
