@@ -455,20 +455,20 @@ def test_beat_runs_the_reconciliation(worker: Path, tmp_path: Path) -> None:
             rows = session.exec(select(Sweep).where(Sweep.started_at >= since)).all()
         return [r for r in rows if (r.detail or {}).get("trigger") == "schedule"]
 
-    def three() -> bool:
+    def finished() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
-        return len(scheduled()) >= 3
+        return any(s.finished_at is not None for s in scheduled())
 
+    # One sweep at a time: late in a full run, with every earlier test's tokens in
+    # OpenBao, one sweep can take longer than several intervals (the others skip).
     try:
-        wait_until(three, timeout=40, interval=0.5)
+        wait_until(finished, timeout=120, interval=0.5)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             stop_process(proc)
-    done = [s for s in scheduled() if s.finished_at is not None]
-    assert done, "no scheduled sweep finished"
 
 
 # --- lost messages, leases, failures (issue 7) -------------------------------------------
