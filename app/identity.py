@@ -44,6 +44,8 @@ _RSA = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 _EC = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP521R1}
 ALGORITHMS = frozenset(_RSA | set(_EC) | {"EdDSA"})
 _ASYMMETRIC_KTY = {"RSA", "EC", "OKP"}
+# "jwt-svid": a SPIFFE trust bundle's JWT keys (its "x509-svid" keys sign no JWT).
+_SIGNING_USES = {"sig", "jwt-svid"}
 _LOOPBACK_NAMES = {"localhost"}
 
 
@@ -105,7 +107,7 @@ def _key_set(raw: bytes) -> dict[str, _Key]:
         if not (
             isinstance(k, dict)
             and k.get("kty") in _ASYMMETRIC_KTY
-            and k.get("use", "sig") == "sig"
+            and k.get("use", "sig") in _SIGNING_USES
             and isinstance(k.get("kid"), str)
             and "d" not in k  # a private key has no business in a JWKS
         ):
@@ -226,14 +228,21 @@ class Verifier:
             if signature == cache.file_signature:
                 return cache.keys
             cache.fetches += 1
-            if st.st_size > MAX_JWKS_BYTES:
-                raise IdentityError(f"the JWKS file is larger than {MAX_JWKS_BYTES} bytes")
+            cache.file_signature = signature  # a bad version is not re-read per request
             try:
-                raw = path.read_bytes()
-            except OSError:
-                raise IdentityError("the JWKS file cannot be read") from None
-            cache.keys = _key_set(raw)
-            cache.loaded, cache.file_signature = True, signature
+                if st.st_size > MAX_JWKS_BYTES:
+                    raise IdentityError(f"the JWKS file is larger than {MAX_JWKS_BYTES} bytes")
+                try:
+                    raw = path.read_bytes()
+                except OSError:
+                    raise IdentityError("the JWKS file cannot be read") from None
+                cache.keys, cache.loaded = _key_set(raw), True
+            except IdentityError as exc:
+                # Half-written while being replaced, say: the last good keys stay.
+                logger.error(
+                    "JWKS file refused; the keys read before stay in use",
+                    extra={"jwks": self.source, "error": str(exc)},
+                )
             return cache.keys
 
     def key_for(self, kid: str) -> _Key | None:

@@ -281,6 +281,9 @@ def test_jwt_claims_with_a_jwks_file(
     rotated = Signer("good-2")
     path.write_text(jwks(rotated).decode())
     assert claim(app_client, name2, "kv", good.token()).status_code == 403
+    # A broken version of the file (half-written) keeps the keys read before.
+    path.write_text('{"keys": [')
+    assert identity.verify(rotated.token()).subject == WORKLOAD
     assert claim(app_client, name2, "kv", rotated.token()).status_code == 200
     for n in (name, name2):
         app_client.post("/v1/events", json=event("succeeded", n), headers=auth(keys["emitter"]))
@@ -318,7 +321,7 @@ def test_jwks_url_cached_and_refreshed_at_most_once_per_interval(
     app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
 
 
-def test_jwks_fetch_bounds_and_url_rules(serve: Any, monkeypatch: Any) -> None:
+def test_jwks_fetch_bounds_and_url_rules(serve: Any, monkeypatch: Any, tmp_path: Path) -> None:
     signer = Signer("b-1")
     # Plain http only on loopback, and never in production.
     for url in ("http://jwks.example.org/keys", "ftp://127.0.0.1/keys", "https:///x"):
@@ -356,6 +359,22 @@ def test_jwks_fetch_bounds_and_url_rules(serve: Any, monkeypatch: Any) -> None:
     with pytest.raises(identity.IdentityError, match="not accepted"):
         v.verify(hs)
     assert v.verify(signer.token()).subject == WORKLOAD
+    # A SPIFFE trust bundle (`spire-server bundle show -format spiffe`): its jwt-svid
+    # keys verify JWT-SVIDs, its x509-svid keys are not used for JWTs.
+    x509 = Signer("x509-key")
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(
+        json.dumps(
+            {
+                "keys": [{**signer.jwk, "use": "jwt-svid"}, {**x509.jwk, "use": "x509-svid"}],
+                "spiffe_sequence": 1,
+            }
+        )
+    )
+    v = identity.Verifier(str(bundle), audience=AUD, issuer=ISS, refresh_interval=60)
+    assert v.verify(signer.token()).subject == WORKLOAD
+    with pytest.raises(identity.IdentityError, match="not in the JWKS"):
+        v.verify(x509.token())
 
 
 POLICY_OPEN = """
