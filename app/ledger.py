@@ -813,7 +813,9 @@ def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) 
 # --- claiming ------------------------------------------------------------
 
 
-def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime) -> bool:
+def take_secret(
+    session: Session, cred: Credential, *, actor: str, now: datetime, detail: str | None = None
+) -> bool:
     """Consume the sealed secret the caller read (and has already decrypted) from `cred`;
     False when the row moved on meanwhile (another claim, a revoke). The caller commits
     only after this, so a secret it could not decrypt is never consumed."""
@@ -831,7 +833,7 @@ def take_secret(session: Session, cred: Credential, *, actor: str, now: datetime
     ).rowcount
     if not done:
         return False
-    audit_credential(session, cred, "claimed", actor=actor, now=now)
+    audit_credential(session, cred, "claimed", actor=actor, now=now, detail=detail)
     return True
 
 

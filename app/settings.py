@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     jwt_jwks: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # At most one JWKS fetch per this many seconds, however many unknown `kid`s arrive.
+    jwt_jwks_refresh: float = Field(60.0, gt=0)
     metrics_token: SecretStr | None = None
     metrics_dir: Path | None = None  # multiprocess metrics files; default <home>/metrics
     metrics_port: int | None = Field(None, ge=0, le=65535)  # a worker's own /metrics

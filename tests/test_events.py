@@ -317,9 +317,12 @@ def test_body_limits_and_content_type(app_client: Any, keys: dict[str, str]) -> 
 
 def test_jwt_only_profile_refuses_the_claim_token(app_client: Any, keys: dict[str, str]) -> None:
     name = unique("jwt")
-    token = post(app_client, keys["emitter"], started(name, {"kv": "jwt-only"})).json()[
-        "claim_token"
-    ]
+    # Such a profile needs the workload the JWT will prove: without one, 422.
+    nameless = post(app_client, keys["emitter"], started(name, {"kv": "jwt-only"}))
+    assert nameless.status_code == 422 and "workload" in nameless.json()["error"]
+    assert states("t1", name) == {}
+    body = started(name, {"kv": "jwt-only"}, workload="spiffe://example.org/w")
+    token = post(app_client, keys["emitter"], body).json()["claim_token"]
     wait_until(lambda: states("t1", name) == {"kv": "active"})
     refused = app_client.post(claim_url(name, "kv"), headers=auth(token))
     assert refused.status_code == 403 and "JWT" in refused.json()["error"]

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -14,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
 
-from app import ledger, notify, observe, sealing
+from app import identity, ledger, notify, observe, policy, sealing
 from app.api.auth import OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.pages import page
@@ -22,7 +23,7 @@ from app.api.paths import raw_segment
 from app.api.schemas import MAX_GRANTS, ApiJSON, credential_view
 from app.db import SessionDep, get_engine
 from app.logs import log
-from app.models import Credential, CredState, Task, TaskState, utcnow
+from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
 from workers.celery_app import enqueue_revoke
 
@@ -86,19 +87,105 @@ def _latest(session: Session, task_pk: str, grant: str) -> Credential | None:
     ).first()
 
 
-def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[int, dict[str, Any]]:
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims: the holder of a claim token, or the workload a JWT proved (`subject`)."""
+
+    tenant: str
+    task_pk: str
+    subject: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """The audit actor: the proven identity (the column holds 128 characters; the
+        detail has it whole), else "claim" for the token's holder."""
+        if self.subject is None:
+            return "claim"
+        return self.subject if len(self.subject) <= 128 else self.subject[:125] + "..."
+
+    @property
+    def detail(self) -> str | None:
+        return None if self.subject is None else f"JWT sub {self.subject}"[:2000]
+
+
+JWT_REFUSED = "this JWT is not valid for this task"
+
+
+def _jwt_claimant(token: str, tenant: str | None, task_name: str) -> Claimant:
+    """The JWT checked (signature, exp, nbf, aud, iss), then bound to the task named by
+    ?tenant= and the path: its `sub` must be the task's workload. Any failure is a 403
+    that does not tell whether the task exists."""
+    try:
+        proven = identity.verify(token)
+    except identity.IdentityError as exc:
+        log.warning("claim: JWT refused", extra={"reason": str(exc)})
+        raise ApiError(403, f"the JWT is refused: {exc}") from None
+    if not tenant:
+        raise ApiError(403, "a JWT claim names its tenant with ?tenant=")
+    with Session(get_engine()) as session:
+        task = ledger.find_task(session, tenant, task_name)
+        if task is None or task.workload is None or task.workload != proven.subject:
+            log.warning("claim: JWT subject is not the task's workload", extra={"tenant": tenant})
+            raise ApiError(403, JWT_REFUSED)
+        return Claimant(tenant=tenant, task_pk=task.id, subject=proven.subject)
+
+
+def _authorize_at_claim(session: Session, task: Task, cred: Credential, subject: str) -> str | None:
+    """`mint` again with the proven principal (a `claim = "jwt"` profile): None when
+    allowed, else the refusal (audited as `claim_denied`; the credential stays unclaimed)."""
+    owner = session.get(ApiKey, task.owner_key_id)
+    parent = session.get(Task, task.parent_id) if task.parent_id else None
+    duration = 0
+    if task.deadline is not None and task.started_at is not None:
+        duration = round((task.deadline - task.started_at).total_seconds())
+    [decision] = policy.authorize(
+        [
+            policy.Ask(
+                action="mint",
+                workload=subject,
+                profile=cred.profile,
+                issuer=cred.issuer,
+                tenant=task.tenant,
+                emitter=owner.name if owner else "",
+                source=task.source,
+                task=task.name,
+                parent=parent.name if parent else None,
+                max_duration=duration,
+            )
+        ]
+    )
+    if decision.allowed:
+        return None
+    policies = ", ".join(decision.policies) or "-"
+    ledger.audit_credential(
+        session,
+        cred,
+        "claim_denied",
+        actor=Claimant(task.tenant, task.id, subject).actor,
+        now=utcnow(),
+        reason="policy",
+        detail=f"mint at claim for {subject} denied by policy: {decision.reason} "
+        f"(policies: {policies})"[:2000],
+    )
+    session.commit()
+    return f"policy denies this claim: {decision.reason}"
+
+
+def _try_claim(claimant: Claimant, task_name: str, grant: str) -> tuple[int, dict[str, Any]]:
     """One attempt: (status, body). 409 means 'not yet'."""
     with Session(get_engine(), expire_on_commit=False) as session:
-        task = session.get(Task, task_pk)
-        if task is None or task.tenant != tenant or task.name != task_name:
+        task = session.get(Task, claimant.task_pk)
+        if task is None or task.tenant != claimant.tenant or task.name != task_name:
             return 403, {"error": "this claim token is not valid for this task"}
-        cred = _latest(session, task_pk, grant)
+        if claimant.subject is not None and task.workload != claimant.subject:
+            return 403, {"error": JWT_REFUSED}
+        cred = _latest(session, claimant.task_pk, grant)
         if cred is None:
             return 404, {"error": f"task has no grant {grant!r}"}
         if cred.claimed_at is not None:
             # Whatever became of the task or the credential since: someone else holds
             # the token and came second. Said, even after the end.
-            return _second_claim(session, cred)
+            return _second_claim(session, cred, claimant)
         if task.state != TaskState.running:
             return 410, {"error": "the task has ended", "state": task.state}
         if cred.state in WAITING:
@@ -107,8 +194,12 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
             return 410, {"error": f"credential is {cred.state}", "state": cred.state}
         profile = get_profiles().get(cred.profile)
         if profile is not None and profile.claim == "jwt":
-            # JWT claims are not built yet: such a profile must not fall back to the token.
-            return 403, {"error": f"profile {cred.profile!r} accepts only a JWT claim"}
+            if claimant.subject is None:
+                return 403, {"error": f"profile {cred.profile!r} accepts only a JWT claim"}
+            # The emitter named the workload at start; the JWT has proven it: ask again.
+            refusal = _authorize_at_claim(session, task, cred, claimant.subject)
+            if refusal is not None:
+                return 403, {"error": refusal}
         if cred.sealed_secret is None:
             return 410, {"error": "credential holds no secret", "state": cred.state}
         # Decrypt first, consume after, one transaction: a secret that cannot be
@@ -121,11 +212,13 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
                 extra={"credential": cred.id, "task": cred.task_id, "profile": cred.profile},
             )
             return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}
-        if not ledger.take_secret(session, cred, actor="claim", now=utcnow()):
+        if not ledger.take_secret(
+            session, cred, actor=claimant.actor, now=utcnow(), detail=claimant.detail
+        ):
             session.rollback()
             session.refresh(cred)
             if cred.claimed_at is not None:
-                return _second_claim(session, cred)
+                return _second_claim(session, cred, claimant)
             # Lost a race with a revoke (or the task's end): no interception.
             return 410, {"error": f"credential is {cred.state}", "state": cred.state}
         session.commit()
@@ -139,30 +232,41 @@ def _try_claim(task_pk: str, task_name: str, tenant: str, grant: str) -> tuple[i
         }
 
 
-def _second_claim(session: Session, cred: Credential) -> tuple[int, dict[str, Any]]:
-    ledger.record_second_claim(session, cred, actor="claim", now=utcnow())
+def _second_claim(
+    session: Session, cred: Credential, claimant: Claimant
+) -> tuple[int, dict[str, Any]]:
+    ledger.record_second_claim(session, cred, actor=claimant.actor, now=utcnow())
     session.commit()
     observe.second_claim(cred)
     return 410, {"error": "credential was already claimed", "state": "claimed"}
 
 
 @router.post("/v1/tasks/{task_id:path}/credentials/{grant}/claim", response_class=ApiJSON)
-async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MAX_WAIT)) -> ApiJSON:
+async def claim(
+    request: Request,
+    grant: str,
+    wait: float = Query(0, ge=0, le=MAX_WAIT),
+    tenant: str | None = Query(None, max_length=128, description="the tenant, for a JWT claim"),
+) -> ApiJSON:
     # The token comes first: a wrong one answers 403 whether or not the task exists.
+    # A claim token is `lhc.`-prefixed; anything else with three parts is taken as a JWT.
     token = bearer(request)
-    bound = sealing.read_claim_token(token) if token else None
-    if bound is None:
-        raise ApiError(403, "a valid claim token is required")
-    tenant, task_pk = bound
     task_name = raw_segment(request, 2)
     grant = raw_segment(request, 4)
+    if token and identity.looks_like_jwt(token):
+        claimant = await run_in_threadpool(_jwt_claimant, token, tenant, task_name)
+    else:
+        bound = sealing.read_claim_token(token) if token else None
+        if bound is None:
+            raise ApiError(403, "a valid claim token is required")
+        claimant = Claimant(tenant=bound[0], task_pk=bound[1])
     deadline = time.monotonic() + wait
-    status, body = await run_in_threadpool(_try_claim, task_pk, task_name, tenant, grant)
+    status, body = await run_in_threadpool(_try_claim, claimant, task_name, grant)
     if status == 409 and wait > 0:
-        with slots.take(task_pk) as admitted:
+        with slots.take(claimant.task_pk) as admitted:
             if admitted:
                 status, body = await _wait_for_claim(
-                    task_pk, task_name, tenant, grant, deadline, (status, body)
+                    claimant, task_name, grant, deadline, (status, body)
                 )
     headers = {"Cache-Control": "no-store"}
     if status == 409:
@@ -171,18 +275,17 @@ async def claim(request: Request, grant: str, wait: float = Query(0, ge=0, le=MA
 
 
 async def _wait_for_claim(
-    task_pk: str,
+    claimant: Claimant,
     task_name: str,
-    tenant: str,
     grant: str,
     deadline: float,
     last: tuple[int, dict[str, Any]],
 ) -> tuple[int, dict[str, Any]]:
     status, body = last
-    cred_id = await _recheck(_cred_id, task_pk, grant)
+    cred_id = await _recheck(_cred_id, claimant.task_pk, grant)
     with notify.waiters.watch(cred_id or "") as woken:
         while (remaining := deadline - time.monotonic()) > 0:
-            status, body = await _recheck(_try_claim, task_pk, task_name, tenant, grant)
+            status, body = await _recheck(_try_claim, claimant, task_name, grant)
             if status != 409:
                 break
             await notify.waiters.wait(woken, remaining)

@@ -148,6 +148,13 @@ def check_profiles(event: EventIn, tenant: str, profiles: dict[str, Profile]) ->
             raise ApiError(
                 422, f"grant {grant['name']!r}: profile {name!r} is not open to this tenant"
             )
+        if profile.claim == "jwt" and not event.data.get("workload"):
+            # The claim proves the workload against this name: without one, nothing could.
+            raise ApiError(
+                422,
+                f"grant {grant['name']!r}: profile {name!r} is claimed with a JWT; "
+                "the event must name its workload",
+            )
         if smallest is None or profile.max_ttl < smallest[0]:
             smallest = (profile.max_ttl, name)
     assert smallest is not None
