@@ -526,8 +526,12 @@ def _decide(
     reason: str | None,
     now: datetime,
 ) -> Credential | None:
-    """awaiting_approval -> `to` (CAS), only while the task runs; None if not awaiting."""
-    running = select(Task.id).where(col(Task.state) == TaskState.running)
+    """awaiting_approval -> `to` (CAS), only while the task runs and its deadline is ahead;
+    None otherwise."""
+    running = select(Task.id).where(
+        col(Task.state) == TaskState.running,
+        or_(col(Task.deadline).is_(None), col(Task.deadline) > now),
+    )
     values: dict[str, Any] = {"state": to, "updated_at": now}
     if to == CredState.pending:
         values["approved_at"] = now

@@ -255,6 +255,8 @@ def _own_credential(session: Session, key: ApiKey, credential_id: str) -> Creden
 
 def _not_awaiting(session: Session, cred: Credential) -> ApiError:
     session.refresh(cred)
+    if cred.state == CredState.awaiting_approval:  # its task is past its deadline, ending
+        return ApiError(409, "the task's deadline has passed", state=cred.state)
     return ApiError(409, f"credential is {cred.state}, not awaiting approval", state=cred.state)
 
 
