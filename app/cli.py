@@ -343,6 +343,22 @@ def sweep() -> None:
         raise typer.Exit(1)
 
 
+@cli.command("webhook-secret")
+def webhook_secret(profile: str) -> None:
+    """Print the key PROFILE's approval webhook is signed with, for its receiver."""
+    settings()
+    from app.profiles import ProfileError, get_profiles
+    from workers.notify_approval import webhook_key
+
+    try:
+        found = get_profiles().get(profile)
+    except ProfileError as exc:
+        raise fail(str(exc)) from None
+    if found is None or not found.approval_webhook:
+        raise fail(f"profile {profile!r} has no approval_webhook")
+    typer.echo(webhook_key(found).decode())
+
+
 @cli.command()
 def up(
     host: Annotated[str, typer.Option()] = "127.0.0.1",

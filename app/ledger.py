@@ -88,6 +88,7 @@ class EventResult:
     to_mint: list[str] = field(default_factory=list)
     to_revoke: list[str] = field(default_factory=list)
     to_extend: list[str] = field(default_factory=list)
+    to_ask: list[str] = field(default_factory=list)  # awaiting approval, with a webhook
 
 
 def installation(session: Session) -> Installation:
@@ -386,7 +387,9 @@ def _start(
         session.add(cred)
         if state == CredState.pending:
             result.to_mint.append(cred.id)
-        if state == CredState.denied:
+        elif state == CredState.awaiting_approval and profile.approval_webhook:
+            result.to_ask.append(cred.id)
+        elif state == CredState.denied:
             audit(
                 session,
                 "denied",
@@ -450,6 +453,7 @@ def _heartbeat(
             deadline = min(deadline, parent.deadline)
     if task.deadline is not None and deadline <= task.deadline:
         return result  # a deadline only moves forward
+    refuse_unapproved_extension(session, task)
     _authorize_extend(session, key, task, int(max_duration), now)
     moved = session.execute(
         update(Task)
@@ -609,6 +613,98 @@ def request_revoke(
             now=now,
         )
     return [r[0] for r in rows]
+
+
+# --- approvals -----------------------------------------------------------
+
+MAX_DECISION_REASON = 500
+
+
+def refuse_unapproved_extension(session: Session, task: Task) -> None:
+    """A task with a grant that waits for, or holds, an approval keeps the deadline the
+    operator saw: moving it needs a new approval (a new task), so refuse with 403."""
+    gated = session.exec(
+        select(Credential.grant)
+        .where(
+            Credential.task_id == task.id,
+            or_(
+                col(Credential.state) == CredState.awaiting_approval,
+                col(Credential.approved_at).is_not(None)
+                & col(Credential.state).in_((CredState.pending, CredState.active)),
+            ),
+        )
+        .limit(1)
+    ).first()
+    if gated is not None:
+        raise LedgerError(
+            403,
+            f"grant {gated!r} was approved (or awaits approval) for the task's current "
+            "deadline; it cannot move without a new approval",
+        )
+
+
+def _decide(
+    session: Session,
+    cred_id: str,
+    to: CredState,
+    action: str,
+    *,
+    actor: str,
+    reason: str | None,
+    now: datetime,
+) -> Credential | None:
+    """awaiting_approval -> `to` (CAS), only while the task runs and its deadline is ahead;
+    None otherwise."""
+    running = select(Task.id).where(
+        col(Task.state) == TaskState.running,
+        or_(col(Task.deadline).is_(None), col(Task.deadline) > now),
+    )
+    values: dict[str, Any] = {"state": to, "updated_at": now}
+    if to == CredState.pending:
+        # A lost mint message is found again from the ledger, as for any pending row.
+        values.update(approved_at=now, next_attempt_at=now + MINT_REDRIVE)
+    done = session.execute(
+        update(Credential)
+        .where(
+            col(Credential.id) == cred_id,
+            col(Credential.state) == CredState.awaiting_approval,
+            col(Credential.task_id).in_(running),
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not done:
+        return None
+    cred = session.get(Credential, cred_id)
+    assert cred is not None
+    session.refresh(cred)  # the update bypassed the identity map
+    detail = reason[:MAX_DECISION_REASON] if reason else None
+    return audit_credential(session, cred, action, actor=actor, detail=detail, now=now)
+
+
+def approve(
+    session: Session, cred_id: str, *, actor: str, reason: str | None, now: datetime
+) -> Credential | None:
+    """Awaiting approval -> pending: the caller enqueues the mint after its commit. The
+    credential expires at the task's deadline as it stands now (heartbeats cannot move it,
+    see refuse_unapproved_extension)."""
+    cred = _decide(
+        session, cred_id, CredState.pending, "approved", actor=actor, reason=reason, now=now
+    )
+    if cred is not None:
+        task = session.get(Task, cred.task_id)
+        if task is not None and task.deadline is not None and cred.expires_at is not None:
+            cred.expires_at = min(cred.expires_at, task.deadline)
+    return cred
+
+
+def deny(
+    session: Session, cred_id: str, *, actor: str, reason: str | None, now: datetime
+) -> Credential | None:
+    """Awaiting approval -> denied, for good: nothing is minted, the claim answers 410."""
+    return _decide(
+        session, cred_id, CredState.denied, "denied", actor=actor, reason=reason, now=now
+    )
 
 
 # --- deadlines -----------------------------------------------------------

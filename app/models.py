@@ -164,6 +164,9 @@ class Credential(SQLModel, table=True):
     revoked_at: datetime | None = _ts()
     revoke_reason: str | None = Field(default=None, max_length=16)
     revoke_requested_at: datetime | None = _ts()
+    # Set when an operator approved an `approval = true` grant: such a task's deadline
+    # no longer moves without a new approval (app.ledger.approve).
+    approved_at: datetime | None = _ts()
     attempts: int = 0
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     sealed_secret: str | None = Field(default=None, sa_column=Column(Text))

@@ -62,6 +62,16 @@ class CredRow:
     revoked_at: datetime | None
     attempts: int
     last_error: str | None
+    source: str = ""
+    started_at: datetime | None = None
+    created_at: datetime | None = None
+
+    @property
+    def requested(self) -> float | None:
+        """The task's duration as it stands (max_duration, counted from its start)."""
+        if self.deadline is None or self.started_at is None:
+            return None
+        return (self.deadline - self.started_at).total_seconds()
 
     @property
     def exposure(self) -> float | None:
@@ -197,6 +207,9 @@ def _rows(session: Session, query: Any) -> list[CredRow]:
             revoked_at=c.revoked_at,
             attempts=c.attempts,
             last_error=c.last_error,
+            source=t.source,
+            started_at=t.started_at,
+            created_at=c.created_at,
         )
         for c, t in session.exec(query).all()
     ]
@@ -223,6 +236,11 @@ def live_credentials(
     rows = _rows(session, _by_state(CredState.revoking, tenant, limit)) if revoking else []
     rows += _rows(session, _by_state(CredState.active, tenant, limit))
     return rows[:limit]
+
+
+def awaiting_approval(session: Session, *, tenant: str | None, limit: int = 50) -> list[CredRow]:
+    """Grants waiting for an operator's decision, longest waiting last."""
+    return _rows(session, _by_state(CredState.awaiting_approval, tenant, limit))
 
 
 def recent_revocations(session: Session, *, tenant: str | None, limit: int = 20) -> list[CredRow]:

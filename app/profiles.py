@@ -6,17 +6,48 @@ password).
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class ProfileError(ValueError):
     """The profiles file is unusable; the message is safe to print."""
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def webhook_url_problem(url: str, *, production: bool) -> str | None:
+    """Why an approval webhook URL may not be called, or None: https anywhere, plain
+    http only to this machine and only outside production."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        return "not a valid URL"
+    if not host or parts.username is not None or parts.password is not None:
+        return "must name a host and carry no user or password"
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http" and is_loopback(host):
+        return "plain http is refused in production" if production else None
+    return "must be https (plain http only to a loopback address, outside production)"
 
 
 class _Profile(BaseModel):
@@ -29,6 +60,19 @@ class _Profile(BaseModel):
     claim: Literal["token", "jwt"] = "token"
     narrows: str | None = None
     retired: bool = False
+    # Called (signed, no secret, no approve link) when a grant of this profile starts
+    # waiting for approval; see workers/notify_approval.py.
+    approval_webhook: str | None = Field(default=None, max_length=2048)
+    approval_webhook_secret: str | None = Field(default=None, min_length=16, max_length=256)
+
+    @field_validator("approval_webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = webhook_url_problem(value, production=False)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     def open_to(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
@@ -99,6 +143,8 @@ def parse_profiles(document: dict) -> dict[str, Profile]:
     for name, profile in profiles.items():
         if profile.narrows is not None and profile.narrows not in section:
             errors.append(f"profile '{name}': field 'narrows': no profile '{profile.narrows}'")
+        if profile.approval_webhook is not None and not profile.approval:
+            errors.append(f"profile '{name}': field 'approval_webhook': needs approval = true")
     if errors:
         raise ProfileError("\n".join(errors))
     return profiles

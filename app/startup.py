@@ -7,7 +7,8 @@ import logging
 from sqlmodel import Session, col, func, select
 
 from app.models import Credential, CredState
-from app.profiles import Profile, ProfileError, get_profiles
+from app.profiles import Profile, ProfileError, get_profiles, webhook_url_problem
+from app.settings import get_settings
 
 logger = logging.getLogger("leasehold")
 LIVE = (CredState.pending, CredState.awaiting_approval, CredState.active, CredState.revoking)
@@ -32,4 +33,11 @@ def check(session: Session) -> dict[str, Profile]:
             f"profiles removed from the file still have live credentials: {named}; "
             "put them back (retired = true stops new mints) until those are revoked"
         )
+    production = get_settings().env == "production"
+    for name, profile in sorted(profiles.items()):
+        problem = profile.approval_webhook and webhook_url_problem(
+            profile.approval_webhook, production=production
+        )
+        if problem:
+            raise ProfileError(f"profile '{name}': field 'approval_webhook': {problem}")
     return profiles

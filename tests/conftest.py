@@ -71,6 +71,14 @@ policies = ["reports-read"]
 max_ttl = 900
 claim = "jwt"
 
+[profiles.approved-db]
+issuer = "postgres"
+dsn = "postgresql://postgres@127.0.0.1:5432/{data_db}"
+grants = ["GRANT CONNECT ON DATABASE {data_db} TO {{role}}",
+          "GRANT leasehold_scram_login TO {{role}}"]
+max_ttl = 900
+approval = true
+
 [profiles.other-tenant-only]
 issuer = "vault-token"
 policies = ["reports-read"]

@@ -536,3 +536,98 @@ def test_status_command_shows_the_same_figures(
     row = next(line for line in out.stdout.splitlines() if line.startswith(name))
     assert "kv-reader" in row and "vault-token" in row and WORKLOAD in row
     app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
+
+
+def test_browser_approve_and_deny_buttons_show_the_tasks_context(
+    server: str, browser: Browser, keys: dict[str, str]
+) -> None:
+    emitter = keys["emitter"]
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.goto(f"{server}/dashboard/login")
+    page.fill("#key", keys["operator"])
+    page.click("button[type=submit]")
+    expect(page).to_have_url(f"{server}/dashboard")
+
+    gated, refused = task_name("agent/gated-deploy"), task_name("agent/gated-drop")
+    token = start(server, emitter, gated, {"db": "approved-db"}, workload=WORKLOAD)
+    start(server, emitter, refused, {"db": "approved-db"}, workload=WORKLOAD)
+    row = page.locator("#awaiting-approval tbody tr", has_text=gated)
+    expect(row).to_be_visible(timeout=15_000)  # appears without a reload
+    for shown in ("approved-db", WORKLOAD, "pytest://lifecycle", "600 s"):
+        expect(row).to_contain_text(shown)
+
+    row.locator("a.decide").click()
+    card = page.locator("#decide")
+    expect(card.locator("dd.task")).to_have_text(gated)
+    expect(card.locator("dd.workload")).to_have_text(WORKLOAD)
+    expect(card.locator("dd.source")).to_have_text("pytest://lifecycle")
+    expect(card.locator("dd.profile")).to_contain_text("approved-db")
+    expect(card.locator("dd.max-duration")).to_have_text("600 s")
+    expect(card.locator("dd.deadline")).to_contain_text("UTC")
+    assert states("t1", gated) == {"db": "awaiting_approval"}
+    page.fill("#reason", "deploy window")
+    page.click("#approve-button")
+    expect(page.locator("#notice")).to_contain_text("Approved")
+    row = page.locator("#active-credentials tbody tr", has_text=gated)
+    expect(row).to_be_visible(timeout=15_000)
+    assert (
+        httpx.post(f"{server}{claim_url(gated, 'db')}", headers=auth(token), timeout=10).status_code
+        == 200
+    )
+
+    page.locator("#awaiting-approval tbody tr", has_text=refused).locator("a.decide").click()
+    page.click("#deny-button")
+    expect(page.locator("#notice")).to_contain_text("Denied")
+    expect(page.locator("#awaiting-approval tbody tr", has_text=refused)).to_have_count(0)
+    assert states("t1", refused) == {"db": "denied"}
+
+    with session_scope() as session:
+        decided = session.exec(
+            select(AuditEntry.action, AuditEntry.actor, AuditEntry.detail).where(
+                col(AuditEntry.credential_id).in_(
+                    [c.id for name in (gated, refused) for c in credentials_of("t1", name)]
+                ),
+                col(AuditEntry.action).in_(("approved", "denied")),
+            )
+        ).all()
+    assert sorted((a, d) for a, _, d in decided) == [
+        ("approved", "deploy window"),
+        ("denied", None),
+    ]
+    assert all(actor.startswith("operator-") for _, actor, _ in decided)
+    for name in (gated, refused):
+        emit(server, emitter, event("succeeded", name))
+    context.close()
+
+
+def test_approve_needs_the_sessions_csrf_token_and_the_tenant(
+    web: TestClient, app_client: TestClient, keys: dict[str, str]
+) -> None:
+    name = task_name("csrf-approve")
+    app_client.post(
+        "/v1/events", json=started(name, {"db": "approved-db"}), headers=auth(keys["emitter"])
+    )
+    (cred,) = credentials_of("t1", name)
+    review = f"/dashboard/credentials/{cred.id}/decide"
+    approve = f"/dashboard/credentials/{cred.id}/approve"
+
+    csrf_t2 = sign_in(web, keys["operator-t2"])
+    assert name not in live_html(web)
+    assert web.get(review).status_code == 404
+    assert web.post(approve, data={"csrf": csrf_t2}).status_code == 404
+    web.cookies.clear()
+
+    csrf = sign_in(web, keys["operator"])
+    assert name in live_html(web).split('id="awaiting-approval"', 1)[1]
+    assert web.get(review).status_code == 200
+    assert web.post(approve, data={}).status_code == 403
+    evil = {"Origin": "https://evil.example"}
+    assert web.post(approve, data={"csrf": csrf}, headers=evil).status_code == 403
+    assert states("t1", name) == {"db": "awaiting_approval"}
+    answer = web.post(f"/dashboard/credentials/{cred.id}/deny", data={"csrf": csrf})
+    assert answer.status_code == 303 and "denied=" in answer.headers["location"]
+    assert states("t1", name) == {"db": "denied"}
+    assert web.post(approve, data={"csrf": csrf}).status_code == 409
+    assert web.get(review).status_code == 409
+    app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))

@@ -46,6 +46,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_default_queue=MINT_QUEUE,
         task_routes={
             "workers.mint.*": {"queue": MINT_QUEUE},
+            "workers.notify_approval.*": {"queue": MINT_QUEUE},
             "workers.revoke.*": {"queue": REVOKE_QUEUE},
             "schedules.*": {"queue": REVOKE_QUEUE},
         },
@@ -57,6 +58,7 @@ def configure(app: Celery, settings: Settings) -> None:
         include=[
             "workers.mint",
             "workers.revoke",
+            "workers.notify_approval",
             "schedules.sweep",
             "schedules.reconcile",
             "schedules.retention",
@@ -99,3 +101,10 @@ def enqueue_extend(ids: list[str]) -> None:
 def enqueue_revoke(ids: list[str]) -> None:
     for cred_id in ids:
         celery_app.send_task("workers.revoke.revoke_credential", args=[cred_id], queue=REVOKE_QUEUE)
+
+
+def enqueue_approval_request(ids: list[str]) -> None:
+    for cred_id in ids:
+        celery_app.send_task(
+            "workers.notify_approval.request_approval", args=[cred_id], queue=MINT_QUEUE
+        )

@@ -1,4 +1,4 @@
-"""The one-time claim, the ledger of credentials, and a manual revoke."""
+"""The one-time claim, the ledger of credentials, a manual revoke, and approvals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session, col, select
 
 from app import identity, ledger, notify, observe, policy, sealing
@@ -25,7 +26,7 @@ from app.db import SessionDep, get_engine
 from app.logs import log
 from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
-from workers.celery_app import enqueue_revoke
+from workers.celery_app import enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
 router = APIRouter(tags=["credentials"])
@@ -344,3 +345,74 @@ def revoke_credential(credential_id: str, key: OperatorKey, session: SessionDep)
         raise ApiError(409, f"credential is {cred.state}, not live", state=cred.state)
     enqueue_revoke(ids)
     return ApiJSON({"id": cred.id, "state": CredState.revoking}, status_code=202)
+
+
+# --- approvals ---------------------------------------------------------------
+
+
+class DecisionIn(BaseModel):
+    """An approval or denial's optional reason, kept in the audit trail."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=ledger.MAX_DECISION_REASON)
+
+    @field_validator("reason")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        if value is not None:
+            if "\x00" in value:
+                raise ValueError("contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid Unicode (a lone surrogate)") from None
+        return value or None
+
+
+def _own_credential(session: Session, key: ApiKey, credential_id: str) -> Credential:
+    """The credential if the key's tenant holds it (an admin: any); else 404."""
+    cred = session.get(Credential, credential_id)
+    scope = tenant_scope(key, None)
+    if cred is None or (scope is not None and cred.tenant != scope):
+        raise ApiError(404, f"no credential {credential_id!r}")
+    return cred
+
+
+def _not_awaiting(session: Session, cred: Credential) -> ApiError:
+    session.refresh(cred)
+    if cred.state == CredState.awaiting_approval:  # its task is past its deadline, ending
+        return ApiError(409, "the task's deadline has passed", state=cred.state)
+    return ApiError(409, f"credential is {cred.state}, not awaiting approval", state=cred.state)
+
+
+@router.post("/v1/credentials/{credential_id}/approve", response_class=ApiJSON, status_code=202)
+def approve_credential(
+    credential_id: str, key: OperatorKey, session: SessionDep, body: DecisionIn | None = None
+) -> ApiJSON:
+    """Mint a grant whose profile sets `approval = true` (it was awaiting approval)."""
+    cred = _own_credential(session, key, credential_id)
+    reason = body.reason if body else None
+    done = ledger.approve(session, cred.id, actor=key.name, reason=reason, now=utcnow())
+    session.commit()
+    if done is None:
+        raise _not_awaiting(session, cred)
+    enqueue_mint([cred.id])  # after the commit, as for events
+    log.info("approved", extra={"credential": cred.id, "task": cred.task_id, "by": key.name})
+    return ApiJSON({"id": cred.id, "state": CredState.pending}, status_code=202)
+
+
+@router.post("/v1/credentials/{credential_id}/deny", response_class=ApiJSON)
+def deny_credential(
+    credential_id: str, key: OperatorKey, session: SessionDep, body: DecisionIn | None = None
+) -> ApiJSON:
+    """Refuse a grant that was awaiting approval, for good: it is never minted."""
+    cred = _own_credential(session, key, credential_id)
+    reason = body.reason if body else None
+    done = ledger.deny(session, cred.id, actor=key.name, reason=reason, now=utcnow())
+    session.commit()
+    if done is None:
+        raise _not_awaiting(session, cred)
+    notify.credential_changed(cred.id)  # a waiting claim answers 410 now
+    log.info("denied", extra={"credential": cred.id, "task": cred.task_id, "by": key.name})
+    return ApiJSON({"id": cred.id, "state": CredState.denied})

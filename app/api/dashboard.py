@@ -30,15 +30,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import delete, update
 from sqlmodel import Session, col
 
-from app import overview, policy
+from app import ledger, overview, policy
 from app.api.auth import lookup_key
-from app.api.credentials import revoke_credential
+from app.api.credentials import (
+    DecisionIn,
+    approve_credential,
+    deny_credential,
+    revoke_credential,
+)
 from app.api.errors import ApiError
 from app.db import SessionDep, get_engine
-from app.models import ApiKey, Credential, DashboardSession, Role, Task, utcnow
+from app.models import ApiKey, Credential, CredState, DashboardSession, Role, Task, utcnow
 from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,6 +275,7 @@ def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
         "now": now,
         "alert_after": alert_after,
         "summary": overview.summary(session, tenant=scope, now=now, alert_after=alert_after),
+        "awaiting": overview.awaiting_approval(session, tenant=scope),
         "live": overview.live_credentials(session, tenant=scope),
         "recent": overview.recent_revocations(session, tenant=scope),
         "failing": overview.failing_revocations(session, tenant=scope, alert_after=alert_after),
@@ -366,7 +373,12 @@ def chart(series: overview.Series) -> dict[str, Any]:
 
 @router.get("", response_class=HTMLResponse)
 def dashboard(
-    request: Request, session: SessionDep, tenant: str | None = None, revoked: str | None = None
+    request: Request,
+    session: SessionDep,
+    tenant: str | None = None,
+    revoked: str | None = None,
+    approved: str | None = None,
+    denied: str | None = None,
 ) -> Response:
     viewer = viewer_of(request, session)
     if viewer is None:
@@ -375,6 +387,10 @@ def dashboard(
     notice = None
     if revoked:
         notice = "Revocation requested; it shows below as soon as it is verified."
+    elif approved:
+        notice = "Approved; the credential is being minted for its task."
+    elif denied:
+        notice = "Denied; the credential will never be minted."
     query = urlencode({"tenant": scope}) if viewer.key.role == Role.admin and scope else ""
     return _page(
         request,
@@ -514,6 +530,93 @@ async def revoke(request: Request, credential_id: str) -> Response:
     if status == 401:
         return _to("/dashboard/login")
     return _page(request, "message.html", status=status, title="Not revoked", message=message)
+
+
+@router.get("/credentials/{credential_id}/decide", response_class=HTMLResponse)
+def confirm_decision(request: Request, credential_id: str, session: SessionDep) -> Response:
+    """A grant awaiting approval, with its task's context, and the approve/deny form."""
+    viewer = viewer_of(request, session)
+    if viewer is None:
+        return _to("/dashboard/login")
+    cred = session.get(Credential, credential_id)
+    scope = viewer.scope(None)
+    if cred is None or (scope is not None and cred.tenant != scope):
+        return _page(
+            request, "message.html", status=404, title="Not found", message="No such credential."
+        )
+    if cred.state != CredState.awaiting_approval:
+        return _page(
+            request,
+            "message.html",
+            status=409,
+            title="Already decided",
+            message=f"This credential is {cred.state}, not awaiting approval.",
+        )
+    task = session.get(Task, cred.task_id)
+    requested = None
+    if task is not None and task.deadline is not None and task.started_at is not None:
+        requested = int((task.deadline - task.started_at).total_seconds())
+    return _page(
+        request,
+        "decide.html",
+        viewer=viewer,
+        cred=cred,
+        task=task,
+        requested=requested,
+        now=utcnow(),
+        max_reason=ledger.MAX_DECISION_REASON,
+    )
+
+
+def _decide(
+    request: Request, credential_id: str, form: dict[str, str], approve: bool
+) -> tuple[int, str]:
+    with Session(get_engine(), expire_on_commit=False) as session:
+        viewer = viewer_of(request, session)
+        if viewer is None:
+            return 401, "Sign in again."
+        if not csrf_ok(viewer.nonce, form.get("csrf")):
+            return 403, "Refused: missing or wrong CSRF token."
+        try:
+            body = DecisionIn(reason=form.get("reason") or None)
+        except ValidationError as exc:
+            return 422, "Reason: " + "; ".join(e["msg"] for e in exc.errors())
+        decide = approve_credential if approve else deny_credential
+        try:  # the API's own endpoint: same ledger transition, audit entry and enqueue
+            decide(credential_id, viewer.key, session, body)
+        except ApiError as exc:
+            return exc.status, exc.message
+    return 200, ""
+
+
+async def _decision(request: Request, credential_id: str, approve: bool) -> Response:
+    form = await _form(request)
+    if not _same_origin(request):
+        return _page(
+            request,
+            "message.html",
+            status=403,
+            title="Refused",
+            message="Cross-site request refused.",
+        )
+    status, message = await run_in_threadpool(_decide, request, credential_id, form, approve)
+    if status == 200:
+        done = "approved" if approve else "denied"
+        return _to(f"/dashboard?{urlencode({done: credential_id})}")
+    if status == 401:
+        return _to("/dashboard/login")
+    title = "Not approved" if approve else "Not denied"
+    return _page(request, "message.html", status=status, title=title, message=message)
+
+
+@router.post("/credentials/{credential_id}/approve")
+async def approve(request: Request, credential_id: str) -> Response:
+    return await _decision(request, credential_id, approve=True)
+
+
+@router.post("/credentials/{credential_id}/deny")
+async def deny(request: Request, credential_id: str) -> Response:
+    return await _decision(request, credential_id, approve=False)
 
 
 def install(app: FastAPI) -> None:

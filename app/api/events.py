@@ -25,7 +25,12 @@ from app.logs import log
 from app.models import ApiKey, Task
 from app.profiles import Profile, get_profiles
 from app.settings import get_settings
-from workers.celery_app import enqueue_extend, enqueue_mint, enqueue_revoke
+from workers.celery_app import (
+    enqueue_approval_request,
+    enqueue_extend,
+    enqueue_mint,
+    enqueue_revoke,
+)
 from workers.issuing import installation_id
 
 router = APIRouter()
@@ -226,6 +231,7 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     enqueue_revoke(result.to_revoke)
     enqueue_mint(result.to_mint)
     enqueue_extend(result.to_extend)
+    enqueue_approval_request(result.to_ask)
     log.info(
         "event",
         extra={

@@ -41,7 +41,7 @@
   if (notice) {
     window.setTimeout(() => notice.remove(), 4 * PERIOD_MS);
     const url = new URL(window.location.href);
-    url.searchParams.delete("revoked");
+    for (const done of ["revoked", "approved", "denied"]) url.searchParams.delete(done);
     window.history.replaceState(null, "", url.pathname + url.search);
   }
   }

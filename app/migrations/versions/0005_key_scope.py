@@ -1,7 +1,7 @@
 """emitter key scope: sources, workloads and profiles a key may start tasks for
 
-Revision ID: 0004_h7
-Revises: 0003_h1
+Revision ID: 0005
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_h7"
-down_revision = "0003_h2"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

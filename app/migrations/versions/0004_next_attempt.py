@@ -1,7 +1,7 @@
 """re-drive from the ledger: credentials.next_attempt_at, and mint leases
 
-Revision ID: 0003_h2
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from alembic import op
 
 from app.models import UTCDateTime
 
-revision = "0003_h2"
-down_revision = "0003_h1"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

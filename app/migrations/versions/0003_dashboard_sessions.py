@@ -1,6 +1,6 @@
 """dashboard sessions kept on the server, so signing out ends them
 
-Revision ID: 0003_h1
+Revision ID: 0003
 Revises: 0002
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 from app.models import UTCDateTime
 
-revision = "0003_h1"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
