@@ -389,7 +389,7 @@ def _start(
             result.to_mint.append(cred.id)
         elif state == CredState.awaiting_approval and profile.approval_webhook:
             result.to_ask.append(cred.id)
-        elif state == CredState.denied:
+        if state == CredState.denied:
             audit(
                 session,
                 "denied",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for user in r.acl_users():
         if user.startswith(f"lh_{inst}_"):
             r.acl_deluser(user)
+    # The run's logs stay behind only when something failed, to be read.
+    if getattr(config, "_leasehold_passed", False):
+        shutil.rmtree(HOME, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._leasehold_passed = exitstatus == 0  # type: ignore[attr-defined]
 
 
 INSTALLATION: dict[str, str] = {}
