@@ -86,6 +86,6 @@ def sweep_deadlines_task() -> int:
 def renew_vault_token_task() -> None:
     settings = get_settings()
     if settings.vault_addr:
-        from app.vault import renew_own_token
+        from app.issuers.vault_gateway import renew_own_token
 
         renew_own_token(settings)

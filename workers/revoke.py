@@ -9,12 +9,13 @@ from sqlalchemy.exc import OperationalError
 
 from app import ledger, notify, observe
 from app.db import session_scope
+from app.issuers import revoke_ref
 from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
 from app.models import Credential, CredState, utcnow
-from workers.backoff import backoff
+from workers.backoff import backoff, retry_in
 from workers.celery_app import celery_app
-from workers.issuing import issuer_for, revoke_ref
+from workers.issuing import issuer_for
 
 
 class RevokeFailed(Exception):
@@ -33,17 +34,18 @@ def revoke(credential_id: str) -> str:
         if cred is None or cred.state != CredState.revoking:
             return "skipped"
     started = time.monotonic()
-    ref = revoke_ref(cred)
+    ref = revoke_ref(cred.issuer, cred)
     try:
         if ref is not None:
             issuer_for(cred).revoke(ref)
     except TemporaryIssuerError as exc:
         # Backoff from the attempts the ledger counts, so it stays capped and growing
-        # across re-drives; the row is due again after it, should the retry be lost.
-        retry_in = backoff(cred.attempts + 1)
+        # across re-drives (or the backend's own delay); the row is due again after it,
+        # should the retry be lost.
+        delay = retry_in(exc, cred.attempts + 1)
         with session_scope() as session:
             attempts = ledger.revoke_failed(
-                session, credential_id, str(exc), retry_in=retry_in, now=utcnow()
+                session, credential_id, str(exc), retry_in=delay, now=utcnow()
             )
         observe.revoke_failed(cred, attempts, str(exc))
         log.warning(
@@ -55,7 +57,7 @@ def revoke(credential_id: str) -> str:
                 "error": str(exc),
             },
         )
-        raise RevokeFailed(str(exc), attempts, retry_in) from None
+        raise RevokeFailed(str(exc), attempts, delay) from None
     except PermanentIssuerError as exc:
         # Refused for good (e.g. the object is not this installation's, or the profile is
         # gone): recorded as such and not retried; the reconciliation still revokes the
