@@ -62,7 +62,12 @@ class CredState(StrEnum):
     failed = "failed"
 
 
-LIVE_CRED_STATES = (CredState.pending, CredState.awaiting_approval, CredState.active)
+# The credential-state sets, defined here once.
+WAITING_CRED_STATES = (CredState.pending, CredState.awaiting_approval)  # nothing minted yet
+LIVE_CRED_STATES = (*WAITING_CRED_STATES, CredState.active)  # held for a running task
+# Not settled: the ledger still owes work (a mint, an approval or a revoke).
+UNSETTLED_CRED_STATES = (*LIVE_CRED_STATES, CredState.revoking)
+SETTLED_CRED_STATES = (CredState.revoked, CredState.denied, CredState.failed)
 
 
 class Role(StrEnum):
@@ -225,6 +230,11 @@ class AuditEntry(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_column=Column(Text))
 
 
+# What every reconciliation run counts: the Sweep columns, the report, the API and
+# the CLI all name them from here.
+SWEEP_COUNTS = ("checked", "orphans_revoked", "vanished", "rerevoked", "redriven", "errors")
+
+
 class Sweep(SQLModel, table=True):
     """One reconciliation run: what it checked, found and did."""
 
@@ -233,6 +243,7 @@ class Sweep(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     started_at: datetime = _ts(nullable=False)
     finished_at: datetime | None = _ts()
+    # One column per SWEEP_COUNTS name (tests/test_reconcile.py holds them equal).
     checked: int = 0
     orphans_revoked: int = 0
     vanished: int = 0
