@@ -230,12 +230,22 @@ class AuditEntry(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_column=Column(Text))
 
 
-# What every reconciliation run counts: the Sweep columns, the report, the API and
-# the CLI all name them from here.
-SWEEP_COUNTS = ("checked", "orphans_revoked", "vanished", "rerevoked", "redriven", "errors")
+class SweepCounts(SQLModel):
+    """What every reconciliation run counts: the Sweep row, the run's report, the API
+    and the CLI all take the names from here (SWEEP_COUNTS)."""
+
+    checked: int = 0
+    orphans_revoked: int = 0
+    vanished: int = 0
+    rerevoked: int = 0
+    redriven: int = 0
+    errors: int = 0
 
 
-class Sweep(SQLModel, table=True):
+SWEEP_COUNTS = tuple(SweepCounts.model_fields)
+
+
+class Sweep(SweepCounts, table=True):
     """One reconciliation run: what it checked, found and did."""
 
     __tablename__ = "sweeps"
@@ -243,11 +253,4 @@ class Sweep(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     started_at: datetime = _ts(nullable=False)
     finished_at: datetime | None = _ts()
-    # One column per SWEEP_COUNTS name (tests/test_reconcile.py holds them equal).
-    checked: int = 0
-    orphans_revoked: int = 0
-    vanished: int = 0
-    rerevoked: int = 0
-    redriven: int = 0
-    errors: int = 0
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

@@ -219,31 +219,21 @@ def _revoke_orphan(
     row: HeldRow | None,
     why: str,
 ) -> None:
-    cred_id = obj.credential_id
-    try:
-        issuer.revoke(obj.ref)
-    except IssuerError as exc:
-        report.error(backend.label, "revoke orphan", exc, obj.ref)
+    if not _revoke(report, backend, issuer, obj, "revoke orphan"):
         return
+    cred_id = obj.credential_id
     report.orphans_revoked += 1
-    item = {
-        "backend": backend.label,
-        "ref": obj.ref,
-        "name": obj.name,
-        "credential": cred_id,
-        "why": why,
-    }
-    report.note("orphans", item)
-    with session_scope() as session:
-        ledger.record_swept(
-            session,
-            "orphan_revoked",
-            reason="orphan",
-            row=row,
-            credential_id=cred_id,
-            detail=f"{backend.label} {obj.ref}: {why}",
-            now=utcnow(),
-        )
+    report.note(
+        "orphans",
+        {
+            "backend": backend.label,
+            "ref": obj.ref,
+            "name": obj.name,
+            "credential": cred_id,
+            "why": why,
+        },
+    )
+    _record(row, "orphan_revoked", cred_id, f"{backend.label} {obj.ref}: {why}")
     log.warning(
         "orphan revoked",
         extra={
@@ -258,25 +248,39 @@ def _revoke_orphan(
 def _revoke_again(
     report: SweepReport, backend: Backend, issuer: Issuer, obj: MarkedObject, row: HeldRow
 ) -> None:
-    try:
-        issuer.revoke(obj.ref)
-    except IssuerError as exc:
-        report.error(backend.label, "revoke again", exc, obj.ref)
+    if not _revoke(report, backend, issuer, obj, "revoke again"):
         return
     report.rerevoked += 1
     report.note("rerevoked", {"backend": backend.label, "ref": obj.ref, "credential": row.id})
+    why = "revoked in the ledger, still present in the backend"
+    _record(row, "revoked_again", row.id, f"{backend.label} {obj.ref}: {why}")
+    log.warning("revoked again", extra={"credential": row.id, "backend": backend.label})
+
+
+def _revoke(
+    report: SweepReport, backend: Backend, issuer: Issuer, obj: MarkedObject, action: str
+) -> bool:
+    """Revoke one object here; a failure is counted in the report (False)."""
+    try:
+        issuer.revoke(obj.ref)
+    except IssuerError as exc:
+        report.error(backend.label, action, exc, obj.ref)
+        return False
+    return True
+
+
+def _record(row: HeldRow | None, action: str, credential_id: str | None, detail: str) -> None:
+    """The audit entry of what the sweep did to an object, reason `orphan`."""
     with session_scope() as session:
         ledger.record_swept(
             session,
-            "revoked_again",
+            action,
             reason="orphan",
             row=row,
-            credential_id=row.id,
-            detail=f"{backend.label} {obj.ref}: revoked in the ledger, "
-            "still present in the backend",
+            credential_id=credential_id,
+            detail=detail,
             now=utcnow(),
         )
-    log.warning("revoked again", extra={"credential": row.id, "backend": backend.label})
 
 
 def _queue_revoke(report: SweepReport, row: HeldRow) -> None:

@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlmodel import Field
+
 from app.logs import log
-from app.models import SWEEP_COUNTS
+from app.models import SWEEP_COUNTS, SweepCounts
 from app.redact import clip
 
 DETAIL_LIMIT = 100  # items kept per list in a sweep's detail
 
 
-@dataclass
-class SweepReport:
-    """One run; its counters are SWEEP_COUNTS (app/models.py), its detail free-form."""
+class SweepReport(SweepCounts):
+    """One run; its counters are SweepCounts' (app/models.py), its detail free-form."""
 
     skipped: bool = False
     id: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    checked: int = 0
-    orphans_revoked: int = 0
-    vanished: int = 0
-    rerevoked: int = 0
-    redriven: int = 0
-    errors: int = 0
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = Field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in SWEEP_COUNTS}

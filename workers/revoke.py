@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from celery import Task as CeleryTask
@@ -47,16 +48,7 @@ def revoke(credential_id: str) -> str:
             attempts = ledger.revoke_failed(
                 session, credential_id, str(exc), retry_in=delay, now=utcnow()
             )
-        observe.revoke_failed(cred, attempts, str(exc))
-        log.warning(
-            "revoke failed",
-            extra={
-                "credential": credential_id,
-                "issuer": cred.issuer,
-                "attempts": attempts,
-                "error": str(exc),
-            },
-        )
+        _failed(cred, attempts, exc, "revoke failed", logging.WARNING)
         raise RevokeFailed(str(exc), attempts, delay) from None
     except PermanentIssuerError as exc:
         # Refused for good (e.g. the object is not this installation's, or the profile is
@@ -65,16 +57,7 @@ def revoke(credential_id: str) -> str:
         with session_scope() as session:
             failed = ledger.revoke_gave_up(session, credential_id, str(exc), now=utcnow())
         attempts = failed.attempts if failed is not None else cred.attempts + 1
-        observe.revoke_failed(cred, attempts, str(exc))
-        log.error(
-            "revoke failed for good",
-            extra={
-                "credential": credential_id,
-                "issuer": cred.issuer,
-                "attempts": attempts,
-                "error": str(exc),
-            },
-        )
+        _failed(cred, attempts, exc, "revoke failed for good", logging.ERROR)
         return "failed"
     with session_scope() as session:
         done = ledger.mark_revoked(session, credential_id, now=utcnow())
@@ -100,6 +83,13 @@ def revoke(credential_id: str) -> str:
         },
     )
     return "revoked"
+
+
+def _failed(cred: Credential, attempts: int, exc: Exception, message: str, level: int) -> None:
+    """A failed revoke, in the metrics and the log."""
+    observe.revoke_failed(cred, attempts, str(exc))
+    extra = {"credential": cred.id, "issuer": cred.issuer, "attempts": attempts, "error": str(exc)}
+    log.log(level, message, extra=extra)
 
 
 @celery_app.task(name="workers.revoke.revoke_credential", bind=True, max_retries=10)
