@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from app.models import Role
+from app.redact import clip
 from app.settings import Settings, get_settings
 
 # No local variables in tracebacks: they may hold secrets (typer < 0.13 shows them).
@@ -97,7 +98,7 @@ def _without_urls(exc: BaseException) -> str:
     import re
 
     cause = getattr(exc, "orig", None) or exc  # the driver's own message, not SQLAlchemy's
-    text = " ".join(str(cause).split())[:500]
+    text = clip(" ".join(str(cause).split()))
     return f"{type(cause).__name__}: " + re.sub(r"[A-Za-z][\w+.-]*://\S*", "<url>", text)
 
 

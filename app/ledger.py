@@ -16,8 +16,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from app import policy, scope
+from app.issuers.base import mark
 from app.models import (
     LIVE_CRED_STATES,
+    SETTLED_CRED_STATES,
     ApiKey,
     AuditEntry,
     Credential,
@@ -31,6 +33,7 @@ from app.models import (
     utcnow,
 )
 from app.profiles import Profile
+from app.redact import LONG_TEXT, clip
 
 TERMINAL_EVENTS = {
     "task.succeeded": (TaskState.succeeded, "succeeded"),
@@ -151,11 +154,6 @@ def audit_credential(
         now=now,
     )
     return cred
-
-
-def backend_name(installation_id: str, credential_id: str) -> str:
-    """The mark every minted object carries: lh_<installation>_<credential>."""
-    return f"lh_{installation_id[:12]}_{credential_id}"
 
 
 def find_task(session: Session, tenant: str, name: str, *, lock: bool = False) -> Task | None:
@@ -383,7 +381,7 @@ def _start(
             updated_at=now,
             next_attempt_at=now + MINT_REDRIVE if state == CredState.pending else None,
         )
-        cred.backend_name = backend_name(installation_id, cred.id)
+        cred.backend_name = mark(installation_id, cred.id)
         session.add(cred)
         if state == CredState.pending:
             result.to_mint.append(cred.id)
@@ -837,13 +835,16 @@ def mark_mint_failed(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
         .values(
-            state=CredState.failed, last_error=error[:2000], next_attempt_at=None, updated_at=now
+            state=CredState.failed,
+            last_error=clip(error, LONG_TEXT),
+            next_attempt_at=None,
+            updated_at=now,
         )
     ).rowcount
     _release_lease(session, cred_id, token)
     if done:
         audit_credential(
-            session, cred_id, "mint_failed", actor="system", detail=error[:500], now=now
+            session, cred_id, "mint_failed", actor="system", detail=clip(error), now=now
         )
     return bool(done)
 
@@ -861,7 +862,7 @@ def revoke_failed(
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
         .values(
             attempts=Credential.attempts + 1,
-            last_error=error[:2000],
+            last_error=clip(error, LONG_TEXT),
             next_attempt_at=now + timedelta(seconds=retry_in) + REVOKE_REDRIVE,
             updated_at=now,
         )
@@ -897,11 +898,11 @@ def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) 
     done = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
-        .values(last_error=f"extend: {error}"[:2000], updated_at=now)
+        .values(last_error=clip(f"extend: {error}", LONG_TEXT), updated_at=now)
     ).rowcount
     if done:
         audit_credential(
-            session, cred_id, "extend_failed", actor="system", detail=error[:500], now=now
+            session, cred_id, "extend_failed", actor="system", detail=clip(error), now=now
         )
     return bool(done)
 
@@ -1022,7 +1023,7 @@ def revoke_gave_up(
         .values(
             state=CredState.failed,
             attempts=Credential.attempts + 1,
-            last_error=f"permanent: {error}"[:2000],
+            last_error=clip(f"permanent: {error}", LONG_TEXT),
             sealed_secret=None,
             next_attempt_at=None,
             updated_at=now,
@@ -1038,7 +1039,7 @@ def revoke_gave_up(
         "revoke_failed",
         actor="system",
         reason=cred.revoke_reason,
-        detail=error[:500],
+        detail=clip(error),
         now=now,
     )
     return cred
@@ -1137,7 +1138,7 @@ def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime)
             revoke_reason="vanished",
             revoked_at=now,
             sealed_secret=None,
-            last_error=detail[:2000],
+            last_error=clip(detail, LONG_TEXT),
             next_attempt_at=None,
             updated_at=now,
         )
@@ -1149,7 +1150,7 @@ def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime)
             "vanished",
             actor="reconcile",
             reason="vanished",
-            detail=detail[:500],
+            detail=clip(detail),
             now=now,
         )
     return bool(done)
@@ -1174,7 +1175,7 @@ def record_swept(
         task_id=row.task_id if row else None,
         credential_id=credential_id,
         reason=reason,
-        detail=detail[:2000],
+        detail=clip(detail, LONG_TEXT),
         now=now,
     )
 
@@ -1204,8 +1205,6 @@ def finish_sweep(
 
 # --- retention -----------------------------------------------------------------
 
-SETTLED = (CredState.revoked, CredState.denied, CredState.failed)
-
 
 def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int, int]:
     """Delete tasks that ended before `before` and whose credentials hold nothing
@@ -1213,7 +1212,7 @@ def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int,
     The audit trail is kept."""
     unsettled = (
         select(Credential.id)
-        .where(Credential.task_id == Task.id, col(Credential.state).not_in(SETTLED))
+        .where(Credential.task_id == Task.id, col(Credential.state).not_in(SETTLED_CRED_STATES))
         .exists()
     )
     ids = list(

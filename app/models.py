@@ -62,7 +62,12 @@ class CredState(StrEnum):
     failed = "failed"
 
 
-LIVE_CRED_STATES = (CredState.pending, CredState.awaiting_approval, CredState.active)
+# The credential-state sets, defined here once.
+WAITING_CRED_STATES = (CredState.pending, CredState.awaiting_approval)  # nothing minted yet
+LIVE_CRED_STATES = (*WAITING_CRED_STATES, CredState.active)  # held for a running task
+# Not settled: the ledger still owes work (a mint, an approval or a revoke).
+UNSETTLED_CRED_STATES = (*LIVE_CRED_STATES, CredState.revoking)
+SETTLED_CRED_STATES = (CredState.revoked, CredState.denied, CredState.failed)
 
 
 class Role(StrEnum):
@@ -228,7 +233,22 @@ class AuditEntry(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_column=Column(Text))
 
 
-class Sweep(SQLModel, table=True):
+class SweepCounts(SQLModel):
+    """What every reconciliation run counts: the Sweep row, the run's report, the API
+    and the CLI all take the names from here (SWEEP_COUNTS)."""
+
+    checked: int = 0
+    orphans_revoked: int = 0
+    vanished: int = 0
+    rerevoked: int = 0
+    redriven: int = 0
+    errors: int = 0
+
+
+SWEEP_COUNTS = tuple(SweepCounts.model_fields)
+
+
+class Sweep(SweepCounts, table=True):
     """One reconciliation run: what it checked, found and did."""
 
     __tablename__ = "sweeps"
@@ -236,10 +256,4 @@ class Sweep(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     started_at: datetime = _ts(nullable=False)
     finished_at: datetime | None = _ts()
-    checked: int = 0
-    orphans_revoked: int = 0
-    vanished: int = 0
-    rerevoked: int = 0
-    redriven: int = 0
-    errors: int = 0
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from app import errors_reporting, metrics
 from app.logs import log
 from app.models import Credential, utcnow
+from app.redact import clip
 from app.settings import get_settings
 
 
@@ -72,7 +73,7 @@ def revoke_failed(cred: Credential, attempts: int, error: str) -> None:
             level="error",
             tags=_tags(cred) | {"reason": cred.revoke_reason or "unknown"},
             fingerprint=["failing-revocation", cred.issuer, cred.profile],
-            extra={"attempts": attempts, "last_error": error[:500]},
+            extra={"attempts": attempts, "last_error": clip(error)},
         )
 
 

@@ -12,6 +12,14 @@ import re
 from typing import Any
 
 FILTERED = "[Filtered]"
+ERROR_TEXT = 500  # characters of an error kept in a log line, an audit entry, a detail
+LONG_TEXT = 2000  # characters kept in a credential's last_error or a longer audit detail
+
+
+def clip(text: object, limit: int = ERROR_TEXT) -> str:
+    """An error's text cut to `limit` characters: one bound for every place it is kept."""
+    return str(text)[:limit]
+
 
 # A key whose lower-cased name contains one of these loses its value.
 SECRET_KEY_PARTS = (

@@ -6,18 +6,20 @@ import logging
 
 from sqlmodel import Session, col, func, select
 
-from app.models import Credential, CredState
+from app.models import UNSETTLED_CRED_STATES, Credential
 from app.profiles import Profile, ProfileError, get_profiles, webhook_url_problem
 from app.settings import get_settings
 
 logger = logging.getLogger("leasehold")
-LIVE = (CredState.pending, CredState.awaiting_approval, CredState.active, CredState.revoking)
 
 
 def removed_profiles_in_use(session: Session, profiles: dict[str, Profile]) -> dict[str, int]:
     rows = session.exec(
         select(Credential.profile, func.count())
-        .where(col(Credential.state).in_(LIVE), col(Credential.profile).not_in(list(profiles)))
+        .where(
+            col(Credential.state).in_(UNSETTLED_CRED_STATES),
+            col(Credential.profile).not_in(list(profiles)),
+        )
         .group_by(Credential.profile)
     ).all()
     return dict(rows)

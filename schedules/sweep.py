@@ -8,7 +8,10 @@ re-drives, in addition, whatever has not moved for REDRIVE_AFTER.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+
+from sqlmodel import Session
 
 from app import ledger
 from app.db import session_scope
@@ -40,38 +43,42 @@ def redrive_due() -> tuple[int, int]:
     """Enqueue again the mints and revokes due (their message may be lost), in batches;
     returns (mints, revokes) re-driven. A duplicate is harmless: a revoke is idempotent,
     and a mint's lease lets one delivery at a time through."""
-    mints = revokes = 0
-    while True:
-        with session_scope() as session:
-            pending, revoking = ledger.redrive_due(session, now=utcnow(), limit=BATCH)
-        enqueue_revoke(revoking)
-        enqueue_mint(pending)
-        mints, revokes = mints + len(pending), revokes + len(revoking)
-        if len(pending) + len(revoking) < BATCH:
-            break
-    if mints or revokes:
-        log.info("re-drive of due work", extra={"pending": mints, "revoking": revokes})
-    return mints, revokes
+
+    def due(session: Session) -> tuple[list[str], list[str]]:
+        return ledger.redrive_due(session, now=utcnow(), limit=BATCH)
+
+    return _redrive(due, "re-drive of due work")
 
 
 def redrive_stuck(after: timedelta = REDRIVE_AFTER) -> tuple[int, int]:
     """Enqueue again what a lost message or a killed worker left pending or revoking
     (untouched for `after`), in batches; returns (mints, revokes) re-driven."""
-    mints = revokes = 0
     cutoff = utcnow() - after  # fixed: what this run touches is never picked again
-    while True:
+
+    def stuck(session: Session) -> tuple[list[str], list[str]]:
         now = utcnow()
+        pending, revoking = ledger.stuck_credentials(session, older_than=cutoff, limit=BATCH)
+        # Touched first: the next batch, and the next re-drive, skip these.
+        ledger.touch(session, pending + revoking, now=now)
+        return pending, revoking
+
+    return _redrive(stuck, "re-drive")
+
+
+def _redrive(fetch: Callable[[Session], tuple[list[str], list[str]]], what: str) -> tuple[int, int]:
+    """Enqueue what `fetch` returns, (pending, revoking) a batch at a time, until a
+    batch is short; returns (mints, revokes)."""
+    mints = revokes = 0
+    while True:
         with session_scope() as session:
-            pending, revoking = ledger.stuck_credentials(session, older_than=cutoff, limit=BATCH)
-            # Touched first: the next batch, and the next re-drive, skip these.
-            ledger.touch(session, pending + revoking, now=now)
-        enqueue_mint(pending)
+            pending, revoking = fetch(session)
         enqueue_revoke(revoking)
+        enqueue_mint(pending)
         mints, revokes = mints + len(pending), revokes + len(revoking)
         if len(pending) + len(revoking) < BATCH:
             break
     if mints or revokes:
-        log.info("re-drive", extra={"pending": mints, "revoking": revokes})
+        log.info(what, extra={"pending": mints, "revoking": revokes})
     return mints, revokes
 
 
@@ -86,6 +93,6 @@ def sweep_deadlines_task() -> int:
 def renew_vault_token_task() -> None:
     settings = get_settings()
     if settings.vault_addr:
-        from app.vault import renew_own_token
+        from app.issuers.vault_gateway import renew_own_token
 
         renew_own_token(settings)

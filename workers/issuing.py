@@ -30,12 +30,3 @@ def issuer_for(cred: Credential) -> Issuer:
     if profile is None:
         raise PermanentIssuerError(f"profile {cred.profile!r} is not in the profiles file")
     return get_issuer(profile, installation_id=installation_id(), settings=get_settings())
-
-
-def revoke_ref(cred: Credential) -> str | None:
-    """What revoke() needs: the minted ref, or the pre-chosen name where it is the ref."""
-    if cred.backend_ref:
-        return cred.backend_ref
-    if cred.issuer in ("postgres", "redis"):
-        return cred.backend_name
-    return None  # a vault token not minted yet: the mint revokes it on finding the task ended

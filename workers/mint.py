@@ -11,14 +11,13 @@ from sqlalchemy.exc import OperationalError
 
 from app import ledger, notify, observe, sealing
 from app.db import session_scope
+from app.issuers import revoke_ref
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
 from app.models import Credential, CredState, Task, utcnow
-from workers.backoff import backoff
+from workers.backoff import retry_in
 from workers.celery_app import celery_app, enqueue_revoke
-from workers.issuing import installation_id, issuer_for, revoke_ref
-
-NAME_BASED = ("postgres", "redis")  # the object's name is the credential's: one object
+from workers.issuing import installation_id, issuer_for
 
 
 def mint(credential_id: str, token: str | None = None) -> str:
@@ -74,9 +73,9 @@ def mint(credential_id: str, token: str | None = None) -> str:
         now_held = session.get(Credential, credential_id)
     if now_held is not None and now_held.state in (CredState.pending, CredState.active):
         # Another delivery took the lease over (this one outlived it): that one records.
-        # A different object (a second Vault token) is ours to remove; the same name
-        # (postgres role, redis user) is the other delivery's credential. Not counted.
-        if minted.ref != now_held.backend_ref and cred.issuer not in NAME_BASED:
+        # A different object (a second Vault token) is ours to remove; the same object
+        # (a role or user named by the ledger) is the other delivery's. Not counted.
+        if minted.ref != issuer.ref_for(now_held):
             issuer.revoke(minted.ref)
         else:
             log.warning("duplicate mint of a live credential", extra=_fields(cred))
@@ -96,7 +95,7 @@ def extend(credential_id: str) -> str:
         cred = session.get(Credential, credential_id)
         if cred is None or cred.state != CredState.active or cred.expires_at is None:
             return "skipped"
-    ref = revoke_ref(cred)
+    ref = revoke_ref(cred.issuer, cred)
     if ref is None:
         return "skipped"
     try:
@@ -131,7 +130,7 @@ def mint_credential(self: CeleryTask, credential_id: str) -> str:
         return mint(credential_id, token=self.request.id)
     except (TemporaryIssuerError, OperationalError) as exc:  # a backend, or the ledger
         # Past max_retries the credential stays pending and the re-drive picks it up.
-        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+        raise self.retry(countdown=retry_in(exc, self.request.retries), exc=exc) from None
 
 
 @celery_app.task(name="workers.mint.extend_credential", bind=True, max_retries=6)
@@ -146,4 +145,4 @@ def extend_credential(self: CeleryTask, credential_id: str) -> str:
             if cred is not None:
                 record_extend_failure(cred, f"gave up after {self.request.retries} retries: {exc}")
             return "failed"
-        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+        raise self.retry(countdown=retry_in(exc, self.request.retries), exc=exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from celery import Task as CeleryTask
@@ -9,12 +10,13 @@ from sqlalchemy.exc import OperationalError
 
 from app import ledger, notify, observe
 from app.db import session_scope
+from app.issuers import revoke_ref
 from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
 from app.models import Credential, CredState, utcnow
-from workers.backoff import backoff
+from workers.backoff import backoff, retry_in
 from workers.celery_app import celery_app
-from workers.issuing import issuer_for, revoke_ref
+from workers.issuing import issuer_for
 
 
 class RevokeFailed(Exception):
@@ -33,29 +35,21 @@ def revoke(credential_id: str) -> str:
         if cred is None or cred.state != CredState.revoking:
             return "skipped"
     started = time.monotonic()
-    ref = revoke_ref(cred)
+    ref = revoke_ref(cred.issuer, cred)
     try:
         if ref is not None:
             issuer_for(cred).revoke(ref)
     except TemporaryIssuerError as exc:
         # Backoff from the attempts the ledger counts, so it stays capped and growing
-        # across re-drives; the row is due again after it, should the retry be lost.
-        retry_in = backoff(cred.attempts + 1)
+        # across re-drives (or the backend's own delay); the row is due again after it,
+        # should the retry be lost.
+        delay = retry_in(exc, cred.attempts + 1)
         with session_scope() as session:
             attempts = ledger.revoke_failed(
-                session, credential_id, str(exc), retry_in=retry_in, now=utcnow()
+                session, credential_id, str(exc), retry_in=delay, now=utcnow()
             )
-        observe.revoke_failed(cred, attempts, str(exc))
-        log.warning(
-            "revoke failed",
-            extra={
-                "credential": credential_id,
-                "issuer": cred.issuer,
-                "attempts": attempts,
-                "error": str(exc),
-            },
-        )
-        raise RevokeFailed(str(exc), attempts, retry_in) from None
+        _failed(cred, attempts, exc, "revoke failed", logging.WARNING)
+        raise RevokeFailed(str(exc), attempts, delay) from None
     except PermanentIssuerError as exc:
         # Refused for good (e.g. the object is not this installation's, or the profile is
         # gone): recorded as such and not retried; the reconciliation still revokes the
@@ -63,16 +57,7 @@ def revoke(credential_id: str) -> str:
         with session_scope() as session:
             failed = ledger.revoke_gave_up(session, credential_id, str(exc), now=utcnow())
         attempts = failed.attempts if failed is not None else cred.attempts + 1
-        observe.revoke_failed(cred, attempts, str(exc))
-        log.error(
-            "revoke failed for good",
-            extra={
-                "credential": credential_id,
-                "issuer": cred.issuer,
-                "attempts": attempts,
-                "error": str(exc),
-            },
-        )
+        _failed(cred, attempts, exc, "revoke failed for good", logging.ERROR)
         return "failed"
     with session_scope() as session:
         done = ledger.mark_revoked(session, credential_id, now=utcnow())
@@ -98,6 +83,13 @@ def revoke(credential_id: str) -> str:
         },
     )
     return "revoked"
+
+
+def _failed(cred: Credential, attempts: int, exc: Exception, message: str, level: int) -> None:
+    """A failed revoke, in the metrics and the log."""
+    observe.revoke_failed(cred, attempts, str(exc))
+    extra = {"credential": cred.id, "issuer": cred.issuer, "attempts": attempts, "error": str(exc)}
+    log.log(level, message, extra=extra)
 
 
 @celery_app.task(name="workers.revoke.revoke_credential", bind=True, max_retries=10)

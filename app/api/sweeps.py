@@ -13,7 +13,7 @@ from app.api.errors import ApiError
 from app.api.pages import page
 from app.api.schemas import ApiJSON
 from app.db import SessionDep
-from app.models import Sweep
+from app.models import SWEEP_COUNTS, Sweep
 
 router = APIRouter(tags=["sweeps"])
 
@@ -23,12 +23,7 @@ def sweep_view(sweep: Sweep, *, detail: bool = False) -> dict[str, Any]:
         "id": sweep.id,
         "started_at": sweep.started_at,
         "finished_at": sweep.finished_at,
-        "checked": sweep.checked,
-        "orphans_revoked": sweep.orphans_revoked,
-        "vanished": sweep.vanished,
-        "rerevoked": sweep.rerevoked,
-        "redriven": sweep.redriven,
-        "errors": sweep.errors,
+        **{name: getattr(sweep, name) for name in SWEEP_COUNTS},
     }
     if detail:
         view["detail"] = sweep.detail or {}

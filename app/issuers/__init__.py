@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from app.issuers.base import Issuer
+from app.issuers.base import BackendIdentity, Issuer, Recorded
 from app.profiles import Profile
 from app.settings import Settings
 
@@ -13,25 +13,31 @@ _lock = threading.Lock()
 _cache: dict[tuple[int, str, Profile], Issuer] = {}
 
 
-def build_issuer(profile: Profile, *, installation_id: str, settings: Settings) -> Issuer:
-    """A new issuer for one profile (callers normally want get_issuer)."""
-    if profile.issuer == "postgres":
+def issuer_class(kind: str) -> type[Issuer]:
+    """The class of an issuer kind (a profile's or a credential's `issuer`)."""
+    if kind == "postgres":
         from app.issuers.postgres import PostgresIssuer
 
-        return PostgresIssuer(profile, installation_id=installation_id, settings=settings)
-    if profile.issuer == "redis":
+        return PostgresIssuer
+    if kind == "redis":
         from app.issuers.redis import RedisIssuer
 
-        return RedisIssuer(profile, installation_id=installation_id, settings=settings)
-    if profile.issuer == "vault-token":
+        return RedisIssuer
+    if kind == "vault-token":
         from app.issuers.vault import VaultTokenIssuer
 
-        return VaultTokenIssuer(profile, installation_id=installation_id, settings=settings)
-    if profile.issuer == "vault-dynamic":
+        return VaultTokenIssuer
+    if kind == "vault-dynamic":
         from app.issuers.vault import VaultDynamicIssuer
 
-        return VaultDynamicIssuer(profile, installation_id=installation_id, settings=settings)
-    raise ValueError(f"unknown issuer {profile.issuer!r}")
+        return VaultDynamicIssuer
+    raise ValueError(f"unknown issuer {kind!r}")
+
+
+def build_issuer(profile: Profile, *, installation_id: str, settings: Settings) -> Issuer:
+    """A new issuer for one profile (callers normally want get_issuer)."""
+    cls = issuer_class(profile.issuer)
+    return cls(profile, installation_id=installation_id, settings=settings)
 
 
 def get_issuer(profile: Profile, *, installation_id: str, settings: Settings) -> Issuer:
@@ -46,11 +52,21 @@ def get_issuer(profile: Profile, *, installation_id: str, settings: Settings) ->
         return issuer
 
 
+def backend_identity(profile: Profile, settings: Settings) -> BackendIdentity:
+    """Where a profile's objects live; profiles with one identity share one backend."""
+    return issuer_class(profile.issuer).backend_identity(profile, settings)
+
+
+def revoke_ref(kind: str, recorded: Recorded) -> str | None:
+    """What revoke() needs for a credential of this issuer kind (see Issuer.ref_for)."""
+    return issuer_class(kind).ref_for(recorded)
+
+
 def close_all() -> None:
     with _lock:
         for issuer in _cache.values():
             issuer.close()
         _cache.clear()
-    from app.vault import close_gateways
+    from app.issuers.vault_gateway import close_gateways
 
     close_gateways()

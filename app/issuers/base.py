@@ -1,27 +1,45 @@
-"""The one face every issuer shows: mint, revoke, exists, list_marked.
+"""The one face every issuer shows, and everything callers may know of a backend.
 
-Nothing outside an issuer knows its backend; each maps its backend's errors
-onto TemporaryIssuerError (retry with backoff) or PermanentIssuerError (mark
-failed and surface it). Error messages never carry a secret.
+Nothing outside app/issuers/ knows a backend: callers group profiles by
+`backend_identity()`, judge what `list_marked()` returns (each object carrying
+its credential id where the mark holds it), revoke by `ref_for(row)` and name
+objects with `mark()`. Each issuer maps its backend's errors through its
+ErrorTable (app/issuers/errors.py). Error messages never carry a secret.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
+
+from app.issuers.errors import IssuerError, PermanentIssuerError, TemporaryIssuerError
+from app.profiles import Profile
+from app.settings import Settings
+
+__all__ = [
+    "BackendIdentity",
+    "Issuer",
+    "IssuerError",
+    "MarkedObject",
+    "MintRequest",
+    "Minted",
+    "PermanentIssuerError",
+    "Recorded",
+    "TemporaryIssuerError",
+    "mark",
+    "mark_prefix",
+]
 
 
-class IssuerError(Exception):
-    """Base of issuer errors; the message is safe to log (never a secret)."""
+def mark_prefix(installation_id: str) -> str:
+    """What every object of this installation is named from: lh_<installation[:12]>_."""
+    return f"lh_{installation_id[:12]}_"
 
 
-class TemporaryIssuerError(IssuerError):
-    """The backend could not be reached or was busy: try again later."""
-
-
-class PermanentIssuerError(IssuerError):
-    """The backend refused for good (bad config, object never existed)."""
+def mark(installation_id: str, credential_id: str) -> str:
+    """The name a credential's object carries: lh_<installation[:12]>_<credential>."""
+    return f"{mark_prefix(installation_id)}{credential_id}"
 
 
 @dataclass(frozen=True)
@@ -33,7 +51,7 @@ class MintRequest:
     """
 
     credential_id: str
-    name: str  # backend object name (e.g. postgres role / redis user), starts with lh_
+    name: str  # backend object name (e.g. postgres role / redis user): mark(...)
     installation_id: str
     tenant: str
     task_id: str
@@ -55,27 +73,93 @@ class MarkedObject:
     """An object in the backend that carries this installation's mark."""
 
     ref: str  # handle for revoke()
-    credential_id: str | None = None  # from the mark, when the backend keeps it
+    credential_id: str | None = None  # from the mark; None when it names none
     name: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
-class Issuer(Protocol):
+@dataclass(frozen=True)
+class BackendIdentity:
+    """Where objects live: the same identity lists the same set of objects, and
+    within one `family` a ref names one object (whatever address reached it)."""
+
+    family: str  # postgres, redis, vault
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.family} {self.where}"
+
+
+class Recorded(Protocol):
+    """What the ledger recorded of a credential's object (a Credential, a HeldRow)."""
+
+    @property
+    def backend_name(self) -> str: ...
+
+    @property
+    def backend_ref(self) -> str | None: ...
+
+
+class Issuer:
     """One backend. Instances are per process (created after fork)."""
 
-    def mint(self, req: MintRequest) -> Minted: ...
+    family: ClassVar[str]
+    # True where the object is named by the ledger (mark()) and that name is its
+    # ref: the ref is known before the mint, and a second mint hits the same object.
+    name_is_ref: ClassVar[bool] = False
+
+    def __init__(self, profile: Any, *, installation_id: str, settings: Settings) -> None:
+        self.profile = profile
+        self.installation_id = installation_id
+        self.prefix = mark_prefix(installation_id)
+
+    @classmethod
+    def backend_identity(cls, profile: Profile, settings: Settings) -> BackendIdentity:
+        """The grouping key of a profile's backend (no connection is made)."""
+        raise NotImplementedError
+
+    @classmethod
+    def ref_for(cls, recorded: Recorded) -> str | None:
+        """What revoke() needs: the minted ref, or the pre-chosen name where the
+        name is the ref; None for an object not minted yet (nothing to revoke)."""
+        if recorded.backend_ref:
+            return recorded.backend_ref
+        return recorded.backend_name if cls.name_is_ref else None
+
+    def mint(self, req: MintRequest) -> Minted:
+        raise NotImplementedError
 
     def revoke(self, ref: str) -> None:
         """Revoke and verify it is gone. Idempotent: an absent object is fine."""
+        raise NotImplementedError
 
-    def exists(self, ref: str) -> bool: ...
+    def exists(self, ref: str) -> bool:
+        raise NotImplementedError
 
-    def list_marked(self) -> list[MarkedObject]: ...
+    def list_marked(self) -> list[MarkedObject]:
+        raise NotImplementedError
 
     def extend(self, ref: str, expires_at: datetime) -> None:
         """Move the backend expiry forward (a heartbeat moved the deadline)."""
+        raise NotImplementedError
 
     def check(self) -> list[str]:
         """Start-up warnings about the backend's configuration (safe to print)."""
+        return []
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        pass
+
+    def credential_of(self, name: str) -> str | None:
+        """The credential id a marked name ends in (lh_<installation>_<credential>)."""
+        if not name.startswith(self.prefix):
+            return None
+        return name[len(self.prefix) :] or None
+
+    def _own(self, name: str, what: str) -> str:
+        """Refuse a name that does not carry this installation's mark."""
+        if not name.startswith(self.prefix) or len(name) == len(self.prefix):
+            raise PermanentIssuerError(
+                f"{self.family}: refusing {what} {name!r}, not {self.prefix}*"
+            )
+        return name

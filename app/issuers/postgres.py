@@ -31,14 +31,16 @@ from psycopg.types.numeric import Oid
 from psycopg_pool import ConnectionPool
 
 from app.issuers.base import (
-    IssuerError,
+    BackendIdentity,
+    Issuer,
     MarkedObject,
     Minted,
     MintRequest,
     PermanentIssuerError,
     TemporaryIssuerError,
 )
-from app.profiles import PostgresProfile
+from app.issuers.errors import ErrorTable, Kind
+from app.profiles import PostgresProfile, Profile
 from app.settings import Settings
 
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
@@ -85,15 +87,17 @@ def credential_dsn(dsn: str, username: str, password: str) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, ""))
 
 
-class PostgresIssuer:
+class PostgresIssuer(Issuer):
     """Mints login roles on the cluster behind `profile.dsn` (an admin connection)."""
+
+    family = "postgres"
+    name_is_ref = True  # the role's name, chosen by the ledger
 
     def __init__(
         self, profile: PostgresProfile, *, installation_id: str, settings: Settings
     ) -> None:
-        self.profile = profile
-        self.installation_id = installation_id
-        self.prefix = f"lh_{installation_id[:12]}_"
+        super().__init__(profile, installation_id=installation_id, settings=settings)
+        self.profile: PostgresProfile = profile
         self._group_pattern = re.compile(re.escape(self.prefix) + r"g_[0-9a-f]{12}")
         self._timeout = settings.backend_timeout
         self._conninfo = _libpq_url(profile.dsn)
@@ -113,8 +117,16 @@ class PostgresIssuer:
 
     # -- the Issuer face ---------------------------------------------------
 
+    @classmethod
+    def backend_identity(cls, profile: Profile, settings: Settings) -> BackendIdentity:
+        # Roles are cluster-wide: every database of one server lists the same roles.
+        assert isinstance(profile, PostgresProfile)
+        info = conninfo_to_dict(_libpq_url(profile.dsn))
+        host = str(info.get("hostaddr") or info.get("host") or "").lower()
+        return BackendIdentity(cls.family, f"{host}:{info.get('port') or 5432}")
+
     def mint(self, req: MintRequest) -> Minted:
-        name = self._own(req.name)
+        name = self._own(req.name, "role")
         if self._group_pattern.fullmatch(name):
             raise PermanentIssuerError(f"postgres mint: {name} is a group role name")
         expires_at = self._cap(req.expires_at)
@@ -145,7 +157,7 @@ class PostgresIssuer:
         )
 
     def revoke(self, ref: str) -> None:
-        name = self._own(ref)
+        name = self._own(ref, "role")
         if self._group_pattern.fullmatch(name):
             raise PermanentIssuerError(f"postgres revoke: refusing group role {name}")
         with self._errors("revoke"):
@@ -177,7 +189,7 @@ class PostgresIssuer:
                 MarkedObject(
                     ref=name,
                     # Unmarked by comment: fall back on the name lh_<inst>_<credential>.
-                    credential_id=match["cred"] if match else name[len(self.prefix) :],
+                    credential_id=(match["cred"] if match else self.credential_of(name)),
                     name=name,
                     extra=extra,
                 )
@@ -185,7 +197,7 @@ class PostgresIssuer:
         return marked
 
     def extend(self, ref: str, expires_at: datetime) -> None:
-        name = self._own(ref)
+        name = self._own(ref, "role")
         stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(
             sql.Identifier(name), sql.Literal(self._cap(expires_at).isoformat())
         )
@@ -363,12 +375,6 @@ class PostgresIssuer:
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
 
-    def _own(self, name: str) -> str:
-        """Refuse a name that does not carry this installation's mark."""
-        if not name.startswith(self.prefix) or len(name) == len(self.prefix):
-            raise PermanentIssuerError(f"postgres: refusing role {name!r}, not {self.prefix}*")
-        return name
-
     def _cap(self, expires_at: datetime) -> datetime:
         """Never let the backend expiry pass the profile's max_ttl."""
         if expires_at.tzinfo is None:
@@ -417,31 +423,34 @@ class PostgresIssuer:
     @contextmanager
     def _errors(self, action: str, *secrets_: str) -> Iterator[None]:
         """Map backend errors to temporary/permanent, with messages safe to log."""
-        try:
+        with ERRORS.guard(action, *self._dsn_passwords, *secrets_):
             yield
-        except IssuerError:
-            raise
-        except psycopg.Error as exc:
-            message = self._describe(exc, secrets_)
-            if _is_temporary(exc):
-                raise TemporaryIssuerError(f"postgres {action}: {message}") from None
-            raise PermanentIssuerError(f"postgres {action}: {message}") from None
-
-    def _describe(self, exc: psycopg.Error, secrets_: tuple[str, ...]) -> str:
-        # diag.message_primary leaves out libpq's "LINE 1: <statement>" echo,
-        # which would quote a password verifier.
-        text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
-        text = text or type(exc).__name__
-        for secret in (*self._dsn_passwords, *secrets_):
-            if secret:
-                text = text.replace(secret, "***")
-        return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
 
 
-def _is_temporary(exc: psycopg.Error) -> bool:
+def _describe(exc: BaseException) -> str:
+    # diag.message_primary leaves out libpq's "LINE 1: <statement>" echo,
+    # which would quote a password verifier.
+    assert isinstance(exc, psycopg.Error)
+    text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
+    text = text or type(exc).__name__
+    return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
+
+
+def _concurrent_update(exc: BaseException) -> bool:
+    primary = (exc.diag.message_primary if isinstance(exc, psycopg.Error) else None) or ""
+    return "tuple concurrently updated" in primary or "tuple concurrently deleted" in primary
+
+
+ERRORS = ErrorTable(
+    backend="postgres",
+    catches=(psycopg.Error,),
     # OperationalError covers lost connections, pool timeouts, statement and
     # lock timeouts, serialization failures and deadlocks.
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    primary = exc.diag.message_primary or ""
-    return "tuple concurrently updated" in primary or "tuple concurrently deleted" in primary
+    rules=(
+        (psycopg.OperationalError, Kind.temporary),
+        (psycopg.InterfaceError, Kind.temporary),
+    ),
+    predicates=((_concurrent_update, Kind.temporary),),
+    default=Kind.permanent,
+    describe=_describe,
+)

@@ -21,14 +21,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app.issuers.base import (
-    IssuerError,
+    BackendIdentity,
+    Issuer,
     MarkedObject,
     Minted,
     MintRequest,
     PermanentIssuerError,
     TemporaryIssuerError,
 )
-from app.profiles import RedisProfile
+from app.issuers.errors import ErrorTable, Kind
+from app.profiles import Profile, RedisProfile
 from app.settings import Settings
 
 # Rules Redis always needs from a client: a health check and choosing the db.
@@ -54,13 +56,15 @@ def credential_url(url: str, username: str, password: str) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, parts.fragment))
 
 
-class RedisIssuer:
+class RedisIssuer(Issuer):
     """Mints ACL users on the Redis server behind `profile.url` (an admin connection)."""
 
+    family = "redis"
+    name_is_ref = True  # the user's name, chosen by the ledger
+
     def __init__(self, profile: RedisProfile, *, installation_id: str, settings: Settings) -> None:
-        self.profile = profile
-        self.installation_id = installation_id
-        self.prefix = f"lh_{installation_id[:12]}_"
+        super().__init__(profile, installation_id=installation_id, settings=settings)
+        self.profile: RedisProfile = profile
         raw = urlsplit(profile.url).password
         self._url_passwords = tuple(p for p in (raw, raw and unquote(raw)) if p)
         # No connection is made here. One retry on a broken connection (a
@@ -72,6 +76,14 @@ class RedisIssuer:
             decode_responses=True,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
+
+    @classmethod
+    def backend_identity(cls, profile: Profile, settings: Settings) -> BackendIdentity:
+        # ACL users are server-wide, whatever the db number.
+        assert isinstance(profile, RedisProfile)
+        parts = urlsplit(profile.url)
+        where = f"{(parts.hostname or '').lower()}:{parts.port or 6379}"
+        return BackendIdentity(cls.family, where if parts.hostname else parts.path)
 
     def rules(self, req: MintRequest) -> list[str]:
         """The profile's ACL rules for one credential, placeholders filled."""
@@ -91,7 +103,7 @@ class RedisIssuer:
         return [*rules, *BASE_RULES]
 
     def mint(self, req: MintRequest) -> Minted:
-        name = self._own(req.name)
+        name = self._own(req.name, "user")
         rules = self.rules(req)
         password = secrets.token_urlsafe(32)
         digest = hashlib.sha256(password.encode()).hexdigest()
@@ -112,7 +124,7 @@ class RedisIssuer:
         )
 
     def revoke(self, ref: str) -> None:
-        name = self._own(ref)
+        name = self._own(ref, "user")
         with self._errors("revoke"):
             # One round trip. CLIENT KILL must precede DELUSER: afterwards the
             # user is unknown to it.
@@ -137,7 +149,7 @@ class RedisIssuer:
         # Redis users carry no comment: the name is the mark, and it ends in
         # the credential id (lh_<installation[:12]>_<credential id>).
         return [
-            MarkedObject(ref=user, credential_id=user[len(self.prefix) :] or None, name=user)
+            MarkedObject(ref=user, credential_id=self.credential_of(user), name=user)
             for user in sorted(users)
             if user.startswith(self.prefix)
         ]
@@ -145,45 +157,32 @@ class RedisIssuer:
     def extend(self, ref: str, expires_at: datetime) -> None:
         """ACL users have no TTL; the deadline sweep is what ends them."""
 
-    def check(self) -> list[str]:
-        return []
-
     def close(self) -> None:
         self._client.close()
-
-    def _own(self, name: str) -> str:
-        """Refuse a name that does not carry this installation's mark."""
-        if not name.startswith(self.prefix) or len(name) == len(self.prefix):
-            raise PermanentIssuerError(f"redis: refusing user {name!r}, not {self.prefix}*")
-        return name
 
     @contextmanager
     def _errors(self, action: str, *secrets_: str) -> Iterator[None]:
         """Map backend errors to temporary/permanent, with messages safe to log."""
-        try:
+        with ERRORS.guard(action, *self._url_passwords, *secrets_):
             yield
-        except IssuerError:
-            raise
-        except redis.RedisError as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            for secret in (*self._url_passwords, *secrets_):
-                if secret:
-                    text = text.replace(secret, "***")
-            message = f"redis {action}: {text}"
-            if _is_temporary(exc):
-                raise TemporaryIssuerError(message) from None
-            raise PermanentIssuerError(message) from None
 
 
 def _no_such_user(result: Any) -> bool:
     return "no such user" in str(result).lower()
 
 
-def _is_temporary(exc: redis.RedisError) -> bool:
-    # A wrong admin password is configuration, not a passing outage.
-    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
-        return False
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return True
-    # A replica after failover, or a server still loading, comes back.
-    return isinstance(exc, redis.exceptions.ReadOnlyError | redis.exceptions.TryAgainError)
+ERRORS = ErrorTable(
+    backend="redis",
+    catches=(redis.RedisError,),
+    rules=(
+        # A wrong admin password is configuration, not a passing outage.
+        (redis.AuthenticationError, Kind.permanent),
+        (redis.exceptions.AuthorizationError, Kind.permanent),
+        (redis.ConnectionError, Kind.temporary),
+        (redis.TimeoutError, Kind.temporary),
+        # A replica after failover, or a server still loading, comes back.
+        (redis.exceptions.ReadOnlyError, Kind.temporary),
+        (redis.exceptions.TryAgainError, Kind.temporary),
+    ),
+    default=Kind.permanent,
+)

@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.issuers.base import (
+    BackendIdentity,
+    Issuer,
     IssuerError,
     MarkedObject,
     Minted,
@@ -24,9 +26,9 @@ from app.issuers.base import (
     PermanentIssuerError,
     TemporaryIssuerError,
 )
-from app.profiles import VaultDynamicProfile, VaultTokenProfile
+from app.issuers.vault_gateway import ERRORS, VaultGateway, get_gateway
+from app.profiles import Profile, VaultDynamicProfile, VaultTokenProfile
 from app.settings import Settings
-from app.vault import VaultGateway, get_gateway, vault_errors
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,11 @@ def _seconds_until(when: datetime, *, cap: int) -> int:
     return max(1, min(left, cap))
 
 
-class _TokenIssuer:
+class _TokenIssuer(Issuer):
     """Shared by both Vault issuers: per-credential tokens, found by accessor."""
 
     issuer = "vault-token"
+    family = "vault"  # the ref is the token's accessor, known only after the mint
 
     def __init__(
         self,
@@ -52,9 +55,13 @@ class _TokenIssuer:
         installation_id: str,
         settings: Settings,
     ) -> None:
-        self.profile = profile
-        self.installation_id = installation_id
+        super().__init__(profile, installation_id=installation_id, settings=settings)
         self._gateway: VaultGateway = get_gateway(settings)
+
+    @classmethod
+    def backend_identity(cls, profile: Profile, settings: Settings) -> BackendIdentity:
+        # Tokens are listed per profile (their metadata names it).
+        return BackendIdentity(cls.family, f"{settings.vault_addr or ''}#{profile.name}")
 
     def _create_token(self, req: MintRequest, policies: list[str]) -> tuple[dict[str, Any], int]:
         """Create the credential's token; returns (auth block, granted ttl)."""
@@ -82,12 +89,14 @@ class _TokenIssuer:
             log.warning("could not revoke the token of a failed %s mint: %s", self.issuer, exc)
 
     def revoke(self, ref: str) -> None:
-        self._gateway.revoke_accessor(ref)
-        if self._gateway.lookup_accessor(ref) is not None:
-            raise TemporaryIssuerError("vault token still present after revoke")
+        with ERRORS.guard("revoke"):
+            self._gateway.revoke_accessor(ref)
+            if self._gateway.lookup_accessor(ref) is not None:
+                raise TemporaryIssuerError("vault token still present after revoke")
 
     def exists(self, ref: str) -> bool:
-        return self._gateway.lookup_accessor(ref) is not None
+        with ERRORS.guard("exists"):
+            return self._gateway.lookup_accessor(ref) is not None
 
     def extend(self, ref: str, expires_at: datetime) -> None:
         """Renew the token by accessor to the new deadline.
@@ -96,15 +105,17 @@ class _TokenIssuer:
         counted from the mint). For vault-dynamic this keeps the token, and so
         its leases, alive; a lease whose own TTL is shorter still ends then.
         """
-        if self._gateway.lookup_accessor(ref) is None:
-            raise PermanentIssuerError("vault token no longer exists; cannot extend")
-        increment = _seconds_until(expires_at, cap=self.profile.max_ttl)
-        self._gateway.renew_accessor(ref, increment)
+        with ERRORS.guard("extend"):
+            if self._gateway.lookup_accessor(ref) is None:
+                raise PermanentIssuerError("vault token no longer exists; cannot extend")
+            increment = _seconds_until(expires_at, cap=self.profile.max_ttl)
+            self._gateway.renew_accessor(ref, increment)
 
     def list_marked(self) -> list[MarkedObject]:
-        accessors = self._gateway.list_accessors()
-        with ThreadPoolExecutor(max_workers=_LOOKUP_THREADS) as pool:
-            tokens = list(pool.map(self._gateway.lookup_accessor, accessors))
+        with ERRORS.guard("list"):
+            accessors = self._gateway.list_accessors()
+            with ThreadPoolExecutor(max_workers=_LOOKUP_THREADS) as pool:
+                tokens = list(pool.map(self._gateway.lookup_accessor, accessors))
         marked = []
         for accessor, data in zip(accessors, tokens, strict=True):
             meta = (data or {}).get("meta") or {}
@@ -126,9 +137,6 @@ class _TokenIssuer:
             )
         return marked
 
-    def check(self) -> list[str]:
-        return []
-
     def close(self) -> None:
         # The gateway is shared by this process's Vault issuers; close_gateways() ends it.
         pass
@@ -147,7 +155,8 @@ class VaultTokenIssuer(_TokenIssuer):
 
     def mint(self, req: MintRequest) -> Minted:
         now = datetime.now(UTC)
-        auth, ttl = self._create_token(req, list(self.profile.policies))
+        with ERRORS.guard("mint"):
+            auth, ttl = self._create_token(req, list(self.profile.policies))
         return Minted(
             ref=auth["accessor"],
             secret={"token": auth["client_token"], "accessor": auth["accessor"]},
@@ -181,17 +190,18 @@ class VaultDynamicIssuer(_TokenIssuer):
             self._policy_ready = True
 
     def mint(self, req: MintRequest) -> Minted:
-        self._ensure_policy()
         now = datetime.now(UTC)
-        auth, ttl = self._create_token(req, [self.policy])
-        try:
-            secret, lease = self._read(auth["client_token"], wrap_ttl=ttl)
-            if lease is not None:
-                lease_ttl = self._bound_lease(*lease, req.expires_at)
-                ttl = min(ttl, lease_ttl)
-        except BaseException:
-            self._discard(auth["accessor"])
-            raise
+        with ERRORS.guard("mint"):
+            self._ensure_policy()
+            auth, ttl = self._create_token(req, [self.policy])
+            try:
+                secret, lease = self._read(auth["client_token"], wrap_ttl=ttl)
+                if lease is not None:
+                    lease_ttl = self._bound_lease(*lease, req.expires_at)
+                    ttl = min(ttl, lease_ttl)
+            except BaseException:
+                self._discard(auth["accessor"])
+                raise
         expires_at = min(req.expires_at, now + timedelta(seconds=ttl))
         return Minted(ref=auth["accessor"], secret=secret, expires_at=expires_at)
 
@@ -226,7 +236,7 @@ class VaultDynamicIssuer(_TokenIssuer):
         """
         client = self._gateway.client_for(token)
         wrap = f"{wrap_ttl}s" if self.profile.wrap else None
-        with vault_errors(f"read {self.path}"):
+        with ERRORS.guard(f"read {self.path}"):
             resp = client.read(self.path, wrap_ttl=wrap)
         if not isinstance(resp, dict):
             raise PermanentIssuerError(f"vault read {self.path}: no secret at this path")

@@ -14,62 +14,55 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions as hv
 import requests
 
-from app.issuers.base import IssuerError, PermanentIssuerError, TemporaryIssuerError
+from app.issuers.errors import ErrorTable, IssuerError, Kind, PermanentIssuerError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_TEMPORARY = (
-    hv.VaultDown,
-    hv.InternalServerError,
-    hv.BadGateway,
-    hv.RateLimitExceeded,
-    hv.VaultNotInitialized,
-    hv.UnexpectedError,
-)
-_PERMANENT = (hv.Forbidden, hv.InvalidRequest, hv.InvalidPath, hv.Unauthorized)
 # Vault/OpenBao tokens (s./b./r. legacy, hvs./hvb./hvr. current) and wrapping tokens.
 _TOKEN_RE = re.compile(r"\b(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{16,}")
 
 
-def _summary(exc: hv.VaultError) -> str:
+def _describe(exc: BaseException) -> str:
+    """hvac's text summarised (tokens redacted), requests' only named."""
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.RequestException):
+        return f"cannot reach Vault ({type(exc).__name__})"
+    assert isinstance(exc, hv.VaultError)
     errors = exc.errors or ([exc.args[0]] if exc.args and exc.args[0] else [])
     text = "; ".join(str(e).strip() for e in errors if str(e).strip()) or "no detail"
     text = re.sub(r"\s+", " ", text.replace("1 error occurred:", "")).strip(" *")
-    return _TOKEN_RE.sub("<redacted>", text)[:300]
+    return f"{type(exc).__name__}: {_TOKEN_RE.sub('<redacted>', text)[:300]}"
 
 
-def map_error(what: str, exc: Exception) -> IssuerError:
-    """The issuer error for a failed Vault call; the message is safe to log."""
-    if isinstance(exc, requests.Timeout):
-        return TemporaryIssuerError(f"vault {what}: timed out")
-    if isinstance(exc, requests.RequestException):
-        return TemporaryIssuerError(f"vault {what}: cannot reach Vault ({type(exc).__name__})")
-    if isinstance(exc, _PERMANENT):
-        return PermanentIssuerError(f"vault {what}: {type(exc).__name__}: {_summary(exc)}")
-    if isinstance(exc, hv.VaultError):
-        # _TEMPORARY and anything hvac does not classify: retrying is the safe side.
-        return TemporaryIssuerError(f"vault {what}: {type(exc).__name__}: {_summary(exc)}")
-    return PermanentIssuerError(f"vault {what}: {type(exc).__name__}")
-
-
-@contextmanager
-def vault_errors(what: str) -> Iterator[None]:
-    """Turn hvac/requests failures inside the block into issuer errors."""
-    try:
-        yield
-    except (hv.VaultError, requests.RequestException) as exc:
-        raise map_error(what, exc) from None
+ERRORS = ErrorTable(
+    backend="vault",
+    catches=(hv.VaultError, requests.RequestException),
+    rules=(
+        (requests.RequestException, Kind.temporary),
+        (hv.Forbidden, Kind.permanent),
+        (hv.InvalidRequest, Kind.permanent),
+        (hv.InvalidPath, Kind.permanent),
+        (hv.Unauthorized, Kind.permanent),
+        # VaultDown, InternalServerError, BadGateway, RateLimitExceeded,
+        # VaultNotInitialized, UnexpectedError, and whatever hvac does not
+        # classify: retrying is the safe side.
+    ),
+    default=Kind.temporary,
+    describe=_describe,
+    # A 429 says "slow down": not the first backoff step (half a second) again.
+    delays=((hv.RateLimitExceeded, 2.0),),
+)
 
 
 def is_invalid_accessor(exc: Exception) -> bool:
@@ -157,7 +150,7 @@ class VaultGateway:
 
     def _login(self) -> None:
         secret_id = self._secret_id.get_secret_value() if self._secret_id else None
-        with vault_errors("approle login"):
+        with ERRORS.guard("approle login"):
             resp = self.client.auth.approle.login(role_id=self._role_id, secret_id=secret_id)
         auth = resp["auth"]
         ttl = int(auth.get("lease_duration") or 0)
@@ -168,7 +161,7 @@ class VaultGateway:
 
     def _inspect(self) -> None:
         try:
-            with vault_errors("lookup-self"):
+            with ERRORS.guard("lookup-self"):
                 data = self.client.auth.token.lookup_self()["data"]
         except PermanentIssuerError as exc:
             # A token without lookup-self (no default policy): its TTL is unknown.
@@ -180,7 +173,7 @@ class VaultGateway:
         self._track(ttl=ttl, span=span, renewable=bool(data.get("renewable")))
 
     def _renew(self) -> None:
-        with vault_errors("renew-self"):
+        with ERRORS.guard("renew-self"):
             resp = self.client.auth.token.renew_self()
         auth = resp["auth"]
         ttl = int(auth.get("lease_duration") or 0)
@@ -204,11 +197,11 @@ class VaultGateway:
             return fn(self.client)
         except hv.Forbidden as exc:
             if not self.uses_approle:
-                raise map_error(what, exc) from None
-        except (hv.VaultError, requests.RequestException) as exc:
-            raise map_error(what, exc) from None
+                raise ERRORS.map(what, exc) from None
+        except Exception as exc:
+            raise ERRORS.map(what, exc) from None
         self.ensure_token(relogin=True)
-        with vault_errors(what):
+        with ERRORS.guard(what):
             return fn(self.client)
 
     def client_for(self, token: str) -> hvac.Client:
@@ -253,9 +246,9 @@ class VaultGateway:
         except hv.InvalidRequest as exc:
             if is_invalid_accessor(exc):
                 return None
-            raise map_error("lookup-accessor", exc) from None
-        except (hv.VaultError, requests.RequestException) as exc:
-            raise map_error("lookup-accessor", exc) from None
+            raise ERRORS.map("lookup-accessor", exc) from None
+        except Exception as exc:
+            raise ERRORS.map("lookup-accessor", exc) from None
 
     def revoke_accessor(self, accessor: str) -> None:
         """Revoke the token and its children; an unknown accessor is fine."""
@@ -264,9 +257,9 @@ class VaultGateway:
             self.client.auth.token.revoke_accessor(accessor)
         except hv.InvalidRequest as exc:
             if not is_invalid_accessor(exc):
-                raise map_error("revoke-accessor", exc) from None
-        except (hv.VaultError, requests.RequestException) as exc:
-            raise map_error("revoke-accessor", exc) from None
+                raise ERRORS.map("revoke-accessor", exc) from None
+        except Exception as exc:
+            raise ERRORS.map("revoke-accessor", exc) from None
 
     def renew_accessor(self, accessor: str, increment: int) -> int:
         """Renew by accessor; returns the TTL Vault granted (capped by its max)."""
