@@ -42,6 +42,7 @@ from app.api.dashboard.sessions import (
     viewer_of,
 )
 from app.api.errors import ApiError
+from app.api.limits import MAX_FORM_BODY
 from app.db import SessionDep, get_engine
 from app.models import Credential, CredState, Role, Task, utcnow
 from app.settings import get_settings
@@ -52,7 +53,6 @@ templates = Jinja2Templates(directory=ROOT / "templates")
 templates.env.filters["ago"] = overview.ago
 templates.env.filters["duration"] = overview.duration
 
-MAX_FORM = 4096
 SLOW_SECONDS = 5.0  # chart, interceptions and sweeps: heavier queries, refreshed less often
 SECURITY_HEADERS = {
     # No inline script, nothing from elsewhere; the chart is inline SVG markup.
@@ -93,7 +93,7 @@ def _same_origin(request: Request) -> bool:
 async def _form(request: Request) -> dict[str, str]:
     """Read first, before any session or CSRF check: the limit (app.api.limits) holds."""
     body = await request.body()
-    if len(body) > MAX_FORM:
+    if len(body) > MAX_FORM_BODY:
         return {}
     parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
     return {k: v[0] for k, v in parsed.items()}
