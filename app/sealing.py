@@ -1,4 +1,4 @@
-"""Encryption of unclaimed secrets and signing of claim tokens.
+"""Encryption of unclaimed secrets, and the one signer (claim tokens, dashboard sessions).
 
 Both derive from LEASEHOLD_SECRET_KEY (several keys, current first): old
 sealed secrets and tokens stay readable while a key is rotated out.
@@ -52,28 +52,64 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+# --- the one signer: claim tokens, dashboard sessions and their CSRF tokens ----
+# A tag is HMAC-SHA256 under a key derived per purpose, so a tag made for one
+# purpose never verifies for another. The current key signs; any configured key
+# verifies (a key being rotated out keeps its tokens readable).
+
+CLAIM = b"leasehold-claim"
+
+
+def _tag(key: bytes, purpose: bytes, message: bytes) -> bytes:
+    return hmac.new(_derive(key, purpose), message, hashlib.sha256).digest()
+
+
+def mac(purpose: bytes, message: bytes) -> str:
+    """The tag of `message` for `purpose` under the current key, base64url."""
+    return _b64(_tag(_keys()[0], purpose, message))
+
+
+def mac_ok(purpose: bytes, message: bytes, given: str | None) -> bool:
+    """Whether `given` is the tag of `message` for `purpose` under any configured key."""
+    if not given:
+        return False
+    try:
+        raw = _unb64(given)
+    except ValueError:
+        return False
+    return any(hmac.compare_digest(_tag(k, purpose, message), raw) for k in _keys())
+
+
+def sign(prefix: str, purpose: bytes, payload: list[Any]) -> str:
+    """`prefix.payload.tag`: a JSON list, readable by anyone, forgeable by no one."""
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"{prefix}.{body}.{mac(purpose, body.encode())}"
+
+
+def unsign(prefix: str, purpose: bytes, token: str) -> list[Any] | None:
+    """The payload of a token `sign` made with this prefix and purpose; None otherwise."""
+    try:
+        given_prefix, body, tag = token.split(".")
+        if given_prefix != prefix or not mac_ok(purpose, body.encode(), tag):
+            return None
+        payload = json.loads(_unb64(body))
+    except (ValueError, TypeError):
+        return None
+    return payload if isinstance(payload, list) else None
+
+
 def claim_token(tenant: str, task_pk: str) -> str:
     """A token bound to tenant and task: deterministic, so a repeated start gets the same."""
-    payload = _b64(json.dumps([tenant, task_pk], separators=(",", ":")).encode())
-    sig = hmac.new(_derive(_keys()[0], b"leasehold-claim"), payload.encode(), "sha256").digest()
-    return f"lhc.{payload}.{_b64(sig)}"
+    return sign("lhc", CLAIM, [tenant, task_pk])
 
 
 def read_claim_token(token: str) -> tuple[str, str] | None:
     """(tenant, task primary key) when the signature holds under any configured key."""
-    try:
-        prefix, payload, sig = token.split(".")
-        if prefix != "lhc":
-            return None
-        given = _unb64(sig)
-        for key in _keys():
-            expected = hmac.new(_derive(key, b"leasehold-claim"), payload.encode(), "sha256")
-            if hmac.compare_digest(expected.digest(), given):
-                tenant, task_pk = json.loads(_unb64(payload))
-                return str(tenant), str(task_pk)
-    except (ValueError, TypeError):
+    payload = unsign("lhc", CLAIM, token)
+    if payload is None or len(payload) != 2:
         return None
-    return None
+    tenant, task_pk = payload
+    return str(tenant), str(task_pk)
 
 
 def hash_api_key(key: str) -> str:

@@ -23,8 +23,10 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from sqlalchemy import delete
 from sqlmodel import col, select
 
+from app import sealing
 from app.api.auth import create_key
 from app.api.dashboard import COOKIE, SESSION_SECONDS, new_session
+from app.api.dashboard.sessions import SESSION, csrf_ok, csrf_token, read_session
 from app.db import session_scope
 from app.models import ApiKey, AuditEntry, Credential, Role, Sweep, Task, utcnow
 from tests.conftest import HOME, ROOT, stop_process, wait_until
@@ -348,6 +350,19 @@ def test_emitter_and_unknown_keys_cannot_sign_in(web: TestClient, keys: dict[str
     assert web.post("/dashboard/login", data={"key": "lhk_nope"}).status_code == 401
     assert web.post("/dashboard/login", data={}).status_code == 401
     assert COOKIE not in web.cookies
+
+
+def test_sessions_and_claim_tokens_share_one_signer_never_one_key(installation_id: str) -> None:
+    """app.sealing signs both; a tag made for one purpose verifies for no other."""
+    session_token = new_session("some-key-id")
+    _, payload, tag = session_token.split(".")
+    assert sealing.unsign("lhs", SESSION, session_token) is not None
+    assert sealing.read_claim_token(f"lhc.{payload}.{tag}") is None
+    claim = sealing.claim_token("t1", "task-pk")
+    _, payload, tag = claim.split(".")
+    assert read_session(f"lhs.{payload}.{tag}") is None
+    assert not csrf_ok(payload, tag)  # nor as a CSRF token
+    assert csrf_ok("nonce", csrf_token("nonce")) and not csrf_ok("nonce", None)
 
 
 def test_forged_expired_and_retired_sessions_are_refused(

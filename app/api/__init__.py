@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 
 from app import __version__, notify, startup
 from app import policy as cedar_policy
 from app.api import audit, credentials, dashboard, errors, events, limits, metrics, sweeps, tasks
 from app.api import policy as policy_api
-from app.api.schemas import ApiJSON
+from app.api.schemas import COMMON_ERRORS, ApiJSON, Health, event_components
 from app.db import session_scope
 from app.errors_reporting import init_sentry
 from app.logs import configure_logging
@@ -47,6 +49,7 @@ def create_app() -> FastAPI:
         summary="Just-in-time, task-scoped, short-lived credentials",
         lifespan=lifespan,
         default_response_class=ApiJSON,
+        responses=COMMON_ERRORS,
     )
     errors.install(app)
     limits.install(app)
@@ -59,8 +62,23 @@ def create_app() -> FastAPI:
     app.include_router(policy_api.router)
     dashboard.install(app)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], response_model=Health)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    def openapi() -> dict[str, Any]:
+        # FastAPI's document, plus the CloudEvent body schema that the event routes
+        # reference (they read the raw body, so FastAPI does not see the model).
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+            )
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(event_components())
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.pages import page
-from app.api.schemas import ApiJSON
+from app.api.schemas import ApiJSON, errors
 from app.db import SessionDep
 from app.models import AuditEntry, Task
 
 router = APIRouter(tags=["audit"])
+
+
+class AuditOut(BaseModel):
+    id: str
+    at: datetime
+    tenant: str | None
+    actor: str = Field(description="the key's name, a proven identity, or system")
+    action: str
+    task: str | None
+    credential: str | None
+    reason: str | None
+    detail: str | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditOut]
+    next: str | None
 
 
 def audit_view(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
@@ -30,7 +49,12 @@ def audit_view(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/audit", response_class=ApiJSON)
+@router.get(
+    "/v1/audit",
+    response_class=ApiJSON,
+    response_model=AuditPage,
+    responses=errors(401, 403, 422),
+)
 def list_audit(
     key: OperatorKey,
     session: SessionDep,

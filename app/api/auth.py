@@ -8,7 +8,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
 
 from app.db import SessionDep
@@ -18,6 +19,11 @@ from app.sealing import hash_api_key
 
 _CACHE_SECONDS = 5.0  # a retired key stops working within this
 _cache: dict[str, tuple[float, ApiKey | None]] = {}
+# Names the scheme in /openapi.json; current_key reads the header itself, so a
+# missing or wrong key stays 401 and a key of the wrong role 403.
+api_key_scheme = HTTPBearer(
+    scheme_name="ApiKey", description="a Leasehold API key (lhk_...)", auto_error=False
+)
 
 
 def new_key_secret() -> str:
@@ -85,7 +91,11 @@ def lookup_key(session: Session, secret: str) -> ApiKey | None:
     return key
 
 
-def current_key(request: Request, session: SessionDep) -> ApiKey:
+def current_key(
+    request: Request,
+    session: SessionDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(api_key_scheme)] = None,
+) -> ApiKey:
     secret = bearer(request)
     key = lookup_key(session, secret) if secret else None
     if key is None:

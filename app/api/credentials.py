@@ -7,12 +7,13 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import anyio.to_thread
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session, col, select
 
@@ -20,8 +21,16 @@ from app import identity, ledger, notify, observe, policy, sealing
 from app.api.auth import OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.pages import page
-from app.api.paths import raw_segment
-from app.api.schemas import MAX_GRANTS, ApiJSON, credential_view
+from app.api.paths import TASK_ID, raw_segment
+from app.api.schemas import (
+    MAX_GRANTS,
+    ApiJSON,
+    ClaimOut,
+    CredentialPage,
+    StateOut,
+    credential_view,
+    errors,
+)
 from app.db import SessionDep, get_engine
 from app.logs import log
 from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
@@ -30,6 +39,12 @@ from workers.celery_app import enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
 router = APIRouter(tags=["credentials"])
+# Documentation only: the claim reads its bearer itself (a claim token, or a JWT).
+claim_scheme = HTTPBearer(
+    scheme_name="ClaimToken",
+    description="the claim token from the task.started answer, or a workload JWT",
+    auto_error=False,
+)
 MAX_WAIT = 30.0
 WAITING = (CredState.pending, CredState.awaiting_approval)
 # ?wait= long-polls hold no thread, but each re-checks the ledger: bound how many wait
@@ -242,9 +257,16 @@ def _second_claim(
     return 410, {"error": "credential was already claimed", "state": "claimed"}
 
 
-@router.post("/v1/tasks/{task_id:path}/credentials/{grant}/claim", response_class=ApiJSON)
+@router.post(
+    "/v1/tasks/{task_id:path}/credentials/{grant}/claim",
+    response_class=ApiJSON,
+    response_model=ClaimOut,
+    responses=errors(403, 404, 409, 410, 422),
+    dependencies=[Security(claim_scheme)],
+)
 async def claim(
     request: Request,
+    task_id: Annotated[str, TASK_ID],
     grant: str,
     wait: float = Query(0, ge=0, le=MAX_WAIT),
     tenant: str | None = Query(None, max_length=128, description="the tenant, for a JWT claim"),
@@ -299,11 +321,16 @@ def _cred_id(task_pk: str, grant: str) -> str | None:
         return cred.id if cred else None
 
 
-@router.get("/v1/credentials", response_class=ApiJSON)
+@router.get(
+    "/v1/credentials",
+    response_class=ApiJSON,
+    response_model=CredentialPage,
+    responses=errors(401, 403, 422),
+)
 def list_credentials(
     key: OperatorKey,
     session: SessionDep,
-    state: str | None = None,
+    state: CredState | None = None,
     profile: str | None = None,
     task: str | None = None,
     tenant: str | None = None,
@@ -330,7 +357,13 @@ def list_credentials(
     return ApiJSON({"items": items, "next": nxt})
 
 
-@router.post("/v1/credentials/{credential_id}/revoke", response_class=ApiJSON, status_code=202)
+@router.post(
+    "/v1/credentials/{credential_id}/revoke",
+    response_class=ApiJSON,
+    status_code=202,
+    response_model=StateOut,
+    responses=errors(401, 403, 404, 409, 422),
+)
 def revoke_credential(credential_id: str, key: OperatorKey, session: SessionDep) -> ApiJSON:
     cred = session.get(Credential, credential_id)
     scope = tenant_scope(key, None)
@@ -386,7 +419,13 @@ def _not_awaiting(session: Session, cred: Credential) -> ApiError:
     return ApiError(409, f"credential is {cred.state}, not awaiting approval", state=cred.state)
 
 
-@router.post("/v1/credentials/{credential_id}/approve", response_class=ApiJSON, status_code=202)
+@router.post(
+    "/v1/credentials/{credential_id}/approve",
+    response_class=ApiJSON,
+    status_code=202,
+    response_model=StateOut,
+    responses=errors(401, 403, 404, 409, 422),
+)
 def approve_credential(
     credential_id: str, key: OperatorKey, session: SessionDep, body: DecisionIn | None = None
 ) -> ApiJSON:
@@ -402,7 +441,12 @@ def approve_credential(
     return ApiJSON({"id": cred.id, "state": CredState.pending}, status_code=202)
 
 
-@router.post("/v1/credentials/{credential_id}/deny", response_class=ApiJSON)
+@router.post(
+    "/v1/credentials/{credential_id}/deny",
+    response_class=ApiJSON,
+    response_model=StateOut,
+    responses=errors(401, 403, 404, 409, 422),
+)
 def deny_credential(
     credential_id: str, key: OperatorKey, session: SessionDep, body: DecisionIn | None = None
 ) -> ApiJSON:

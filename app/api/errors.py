@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
 
 from app.ledger import LedgerError
 from app.logs import log
@@ -44,6 +45,8 @@ def install(app: FastAPI) -> None:
     async def _ledger(_: Request, exc: LedgerError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, **exc.extra), exc.status)
 
+    # Starlette's, not only FastAPI's subclass: unknown paths, wrong methods and a body
+    # FastAPI cannot parse answer {"error": ...} too.
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail)), exc.status_code, exc.headers)

@@ -18,7 +18,16 @@ from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
 from app.api.limits import MAX_EVENT_BODY
 from app.api.ratelimit import check_event_rate
-from app.api.schemas import ApiJSON, CloudEvent, HeartbeatData, StartedData, task_view
+from app.api.schemas import (
+    ApiJSON,
+    CloudEvent,
+    EventAnswer,
+    HeartbeatData,
+    StartedData,
+    errors,
+    event_body,
+    task_view,
+)
 from app.db import get_engine
 from app.ledger import EventIn, EventResult
 from app.logs import log
@@ -221,7 +230,18 @@ def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) 
     return answer
 
 
-@router.post("/v1/events", status_code=202, tags=["events"])
+@router.post(
+    "/v1/events",
+    status_code=202,
+    tags=["events"],
+    response_model=EventAnswer,
+    responses={
+        200: {"model": EventAnswer, "description": "A duplicate: the first answer again"},
+        **errors(401, 403, 404, 409, 415, 422, 429),
+    },
+    # The body is read raw (limits, nesting, NUL checks) and parsed by parse_event.
+    openapi_extra=event_body(),
+)
 async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     await check_event_rate(key.id)  # before the body is read: a flood costs little
     body = await request.body()

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, Security
+from fastapi.security import HTTPBearer
 
 from app import metrics
 from app.api.auth import bearer
 from app.api.errors import ApiError
+from app.api.schemas import errors
 from app.settings import get_settings
 
 router = APIRouter(tags=["metrics"])
+# Documentation only: scrape() compares the token itself (and needs none when unset).
+metrics_scheme = HTTPBearer(
+    scheme_name="MetricsToken", description="LEASEHOLD_METRICS_TOKEN, when set", auto_error=False
+)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {}}},
+        **errors(401),
+    },
+    dependencies=[Security(metrics_scheme)],
+)
 def scrape(request: Request) -> Response:
     token = get_settings().metrics_token
     if token is not None:

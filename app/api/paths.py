@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from fastapi import Request
+from fastapi import Path, Request
 
 from app.api.errors import ApiError
+
+# The `{task_id:path}` routes declare this parameter so /openapi.json names it; the
+# handlers read the raw segment (raw_segment), never the decoded value.
+TASK_ID = Path(description="the task id, percent-encoded as one path segment (a/b: a%2Fb)")
 
 
 def raw_segment(request: Request, index: int) -> str:

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 from sqlmodel import Session, select
 
 from app import policy, scope
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.events import check_profiles, parse_event
-from app.api.schemas import ApiJSON
+from app.api.schemas import ApiJSON, errors, event_body
 from app.db import get_engine
 from app.models import ApiKey, Role
 from app.profiles import get_profiles
 
 router = APIRouter(tags=["policy"])
+
+
+class GrantDecision(BaseModel):
+    name: str
+    profile: str
+    decision: Literal["allow", "deny"]
+    policies: list[str]
+    reason: str | None
+
+
+class PolicyCheckOut(BaseModel):
+    grants: list[GrantDecision]
 
 
 def _check(event: Any, tenant: str, emitter: str) -> dict[str, Any]:
@@ -70,7 +83,13 @@ def _check(event: Any, tenant: str, emitter: str) -> dict[str, Any]:
     return {"grants": answers}
 
 
-@router.post("/v1/policy/check")
+@router.post(
+    "/v1/policy/check",
+    response_class=ApiJSON,
+    response_model=PolicyCheckOut,
+    responses=errors(401, 403, 415, 422),
+    openapi_extra=event_body(),
+)
 async def policy_check(
     request: Request,
     key: OperatorKey,

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from app.ledger import EVENT_TYPES
-from app.models import Credential, Task
+from app.models import Credential, CredState, Task, TaskState
 from app.profiles import NAME_PATTERN
 
 MAX_GRANTS = 16
@@ -117,3 +117,145 @@ def task_view(task: Task, parent_name: str | None = None) -> dict[str, Any]:
         "source": task.source,
         "workload": task.workload,
     }
+
+
+# --- what the API answers, as /openapi.json describes it ----------------------
+# The routes answer ApiJSON built from the *_view dicts above; these models are
+# the documented shapes (the schemathesis test checks that answers conform).
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: `error` names the problem; some carry more (e.g. `state`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+
+
+ERROR_TEXT = {
+    400: "Malformed request (bad JSON, a NUL character, bad percent-encoding)",
+    401: "A valid API key is required",
+    403: "This key (or token) may not do this",
+    404: "Not found (or another tenant's)",
+    409: "Conflict with the current state",
+    410: "Gone: ended, revoked or already claimed",
+    413: "Request body too large",
+    415: "Unsupported Content-Type",
+    422: "Invalid parameters or body",
+    429: "Over the rate limit; see Retry-After",
+    503: "The ledger is unavailable; try again",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these error statuses, all in the shape of ErrorOut."""
+    return {code: {"model": ErrorOut, "description": ERROR_TEXT[code]} for code in codes}
+
+
+# Any request may meet these: the door (app.api.limits) and a ledger outage.
+COMMON_ERRORS = errors(400, 413, 503)
+
+
+class CredentialOut(BaseModel):
+    id: str
+    task: str | None = Field(description="the task's id (in listings)")
+    grant: str
+    profile: str
+    issuer: str
+    state: CredState
+    minted_at: datetime | None
+    expires_at: datetime | None
+    claimed_at: datetime | None
+    revoked_at: datetime | None
+    revoke_reason: str | None
+    attempts: int
+    last_error: str | None
+    tenant: str | None = Field(None, description="in listings")
+
+
+class TaskOut(BaseModel):
+    id: str = Field(description="the orchestrator's task id")
+    state: TaskState
+    started_at: datetime | None
+    deadline: datetime | None
+    ended_at: datetime | None
+    parent: str | None
+    source: str
+    workload: str | None
+    tenant: str
+
+
+class TaskDetail(TaskOut):
+    credentials: list[CredentialOut]
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
+
+
+class CredentialPage(BaseModel):
+    items: list[CredentialOut]
+    next: str | None
+
+
+class TaskBrief(BaseModel):
+    id: str
+    state: TaskState
+    deadline: datetime | None
+
+
+class EventAnswer(BaseModel):
+    accepted: bool
+    duplicate: bool
+    task: TaskBrief
+    claim_token: str | None = Field(description="on task.started: the task's claim token")
+
+
+class ClaimOut(BaseModel):
+    grant: str
+    profile: str
+    issuer: str
+    expires_at: datetime | None
+    secret: dict[str, Any] = Field(description="the credential, handed out once")
+
+
+class StateOut(BaseModel):
+    id: str
+    state: CredState
+
+
+class Health(BaseModel):
+    status: str
+
+
+class CloudEventDoc(CloudEvent):
+    """The body of POST /v1/events (documentation: the handler reads the raw body)."""
+
+    data: StartedData | HeartbeatData | dict[str, Any] | None = Field(
+        None,
+        description="task.started: StartedData; task.heartbeat: HeartbeatData; "
+        "task.succeeded/failed/cancelled: any object",
+    )
+
+
+def event_body() -> dict[str, Any]:
+    """`openapi_extra` for routes that take a CloudEvent in structured mode."""
+    ref = {"$ref": "#/components/schemas/CloudEvent"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/cloudevents+json": {"schema": ref},
+                "application/json": {"schema": ref},
+            },
+        }
+    }
+
+
+def event_components() -> dict[str, Any]:
+    """The CloudEvent schema and what it uses, for the OpenAPI components."""
+    schema = CloudEventDoc.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    schema["title"] = "CloudEvent"
+    return {"CloudEvent": schema, **defs}

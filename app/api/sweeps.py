@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
 from sqlmodel import select
 
 from app.api.auth import AdminKey
 from app.api.errors import ApiError
 from app.api.pages import page
-from app.api.schemas import ApiJSON
+from app.api.schemas import ApiJSON, errors
 from app.db import SessionDep
 from app.models import SWEEP_COUNTS, Sweep
 
-router = APIRouter(tags=["sweeps"])
+router = APIRouter(tags=["sweeps"], responses=errors(401, 403))
+
+
+class SweepOut(BaseModel):
+    id: str
+    started_at: datetime
+    finished_at: datetime | None
+    checked: int
+    orphans_revoked: int
+    vanished: int
+    rerevoked: int
+    redriven: int
+    errors: int
+    detail: dict[str, Any] | None = Field(None, description="in a single sweep's answer")
+
+
+class SweepPage(BaseModel):
+    items: list[SweepOut]
+    next: str | None
 
 
 def sweep_view(sweep: Sweep, *, detail: bool = False) -> dict[str, Any]:
@@ -45,7 +65,7 @@ def _run(actor: str) -> dict[str, Any] | None:
     }
 
 
-@router.post("/v1/sweeps", response_class=ApiJSON)
+@router.post("/v1/sweeps", response_class=ApiJSON, response_model=SweepOut, responses=errors(409))
 async def run_sweep(key: AdminKey) -> ApiJSON:
     """Run the reconciliation now and answer what it checked, found and did."""
     done = await run_in_threadpool(_run, key.name)
@@ -54,7 +74,7 @@ async def run_sweep(key: AdminKey) -> ApiJSON:
     return ApiJSON(done)
 
 
-@router.get("/v1/sweeps", response_class=ApiJSON)
+@router.get("/v1/sweeps", response_class=ApiJSON, response_model=SweepPage, responses=errors(422))
 def list_sweeps(
     _: AdminKey,
     session: SessionDep,
@@ -65,7 +85,12 @@ def list_sweeps(
     return ApiJSON({"items": [sweep_view(r) for r in rows], "next": nxt})
 
 
-@router.get("/v1/sweeps/{sweep_id}", response_class=ApiJSON)
+@router.get(
+    "/v1/sweeps/{sweep_id}",
+    response_class=ApiJSON,
+    response_model=SweepOut,
+    responses=errors(404, 422),
+)
 def get_sweep(sweep_id: str, _: AdminKey, session: SessionDep) -> ApiJSON:
     sweep = session.get(Sweep, sweep_id)
     if sweep is None:

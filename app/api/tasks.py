@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from sqlmodel import Session, select
@@ -11,12 +11,19 @@ from app import ledger
 from app.api.auth import ReaderKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.pages import page
-from app.api.paths import raw_segment
-from app.api.schemas import ApiJSON, credential_view, task_view
+from app.api.paths import TASK_ID, raw_segment
+from app.api.schemas import (
+    ApiJSON,
+    TaskDetail,
+    TaskPage,
+    credential_view,
+    errors,
+    task_view,
+)
 from app.db import SessionDep
-from app.models import ApiKey, Task
+from app.models import ApiKey, Task, TaskState
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(tags=["tasks"], responses=errors(401, 403, 422))
 
 
 def visible_task(session: Session, key: ApiKey, name: str, tenant: str | None) -> Task:
@@ -41,19 +48,28 @@ def full_task_view(session: Session, task: Task) -> dict[str, Any]:
     return view
 
 
-@router.get("/v1/tasks/{task_id:path}", response_class=ApiJSON)
+@router.get(
+    "/v1/tasks/{task_id:path}",
+    response_class=ApiJSON,
+    response_model=TaskDetail,
+    responses=errors(404),
+)
 def get_task(
-    request: Request, key: ReaderKey, session: SessionDep, tenant: str | None = None
+    request: Request,
+    key: ReaderKey,
+    session: SessionDep,
+    task_id: Annotated[str, TASK_ID],  # documented; read undecoded below
+    tenant: str | None = None,
 ) -> ApiJSON:
     task = visible_task(session, key, raw_segment(request, 2), tenant)
     return ApiJSON(full_task_view(session, task))
 
 
-@router.get("/v1/tasks", response_class=ApiJSON)
+@router.get("/v1/tasks", response_class=ApiJSON, response_model=TaskPage)
 def list_tasks(
     key: ReaderKey,
     session: SessionDep,
-    state: str | None = None,
+    state: TaskState | None = None,
     source: str | None = None,
     workload: str | None = None,
     tenant: str | None = None,

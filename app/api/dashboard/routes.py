@@ -1,26 +1,16 @@
-"""/dashboard: the operators' view, server-rendered and refreshed by a small script.
+"""/dashboard's pages and forms: sign-in and -out, the live view, revoke, approve and deny.
 
-Sign-in exchanges an operator or admin key for a signed session cookie
-(HttpOnly, SameSite=Strict, 8 hours, Secure over https, Path=/dashboard so it
-never rides along to the API). The key itself is not kept: the cookie names
-the key's id, and a retired key ends its sessions. The session also has a row
-in the ledger (by a hash of its nonce): signing out closes it, so a copied
-cookie stops working. State-changing forms carry a CSRF token bound to the
-session. An operator sees only its tenant.
+Sign-in exchanges an operator or admin key for a session cookie (sessions.py:
+HttpOnly, SameSite=Strict, 8 hours, Secure over https, Path=/dashboard so it
+never rides along to the API). Every form is read within its limit first, then
+checked for origin, session and CSRF token. An operator sees only its tenant.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
-import math
-import secrets
 import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -31,8 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-from sqlalchemy import delete, update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from app import ledger, overview, policy
 from app.api.auth import lookup_key
@@ -42,20 +31,28 @@ from app.api.credentials import (
     deny_credential,
     revoke_credential,
 )
+from app.api.dashboard.chart import chart
+from app.api.dashboard.sessions import (
+    COOKIE,
+    SESSION_SECONDS,
+    Viewer,
+    csrf_ok,
+    end_session,
+    open_session,
+    viewer_of,
+)
 from app.api.errors import ApiError
+from app.api.limits import MAX_FORM_BODY
 from app.db import SessionDep, get_engine
-from app.models import ApiKey, Credential, CredState, DashboardSession, Role, Task, utcnow
+from app.models import Credential, CredState, Role, Task, utcnow
 from app.settings import get_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # app/
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 templates = Jinja2Templates(directory=ROOT / "templates")
 templates.env.filters["ago"] = overview.ago
 templates.env.filters["duration"] = overview.duration
 
-COOKIE = "lh_session"
-SESSION_SECONDS = 8 * 3600
-MAX_FORM = 4096
 SLOW_SECONDS = 5.0  # chart, interceptions and sweeps: heavier queries, refreshed less often
 SECURITY_HEADERS = {
     # No inline script, nothing from elsewhere; the chart is inline SVG markup.
@@ -69,133 +66,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-
-
-# --- the session cookie ------------------------------------------------------
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _mac(key: bytes, purpose: bytes, message: bytes) -> bytes:
-    derived = hmac.new(key, purpose, hashlib.sha256).digest()
-    return hmac.new(derived, message, hashlib.sha256).digest()
-
-
-def new_session(key_id: str, *, now: float | None = None) -> str:
-    expires = int((now or time.time()) + SESSION_SECONDS)
-    payload = _b64(json.dumps([key_id, expires, secrets.token_urlsafe(16)]).encode())
-    sig = _mac(get_settings().secret_keys[0], b"leasehold-session", payload.encode())
-    return f"lhs.{payload}.{_b64(sig)}"
-
-
-def read_session(token: str, *, now: float | None = None) -> tuple[str, str] | None:
-    """(key id, nonce) of a well-signed, unexpired session; any configured key verifies."""
-    try:
-        prefix, payload, sig = token.split(".")
-        if prefix != "lhs":
-            return None
-        given = _unb64(sig)
-        if not any(
-            hmac.compare_digest(_mac(k, b"leasehold-session", payload.encode()), given)
-            for k in get_settings().secret_keys
-        ):
-            return None
-        key_id, expires, nonce = json.loads(_unb64(payload))
-    except (ValueError, TypeError):
-        return None
-    if int(expires) <= (now or time.time()):
-        return None
-    return str(key_id), str(nonce)
-
-
-def session_row_id(nonce: str) -> str:
-    """The server-side session's id: a hash, so the table alone names no cookie."""
-    return hashlib.sha256(nonce.encode()).hexdigest()
-
-
-def open_session(session: Session, key_id: str, *, now: float | None = None) -> str:
-    """A new cookie and its row; expired rows go at the same time."""
-    token = new_session(key_id, now=now)
-    parsed = read_session(token, now=now)
-    assert parsed is not None
-    at = datetime.fromtimestamp(now or time.time(), UTC)
-    session.execute(delete(DashboardSession).where(col(DashboardSession.expires_at) < at))
-    session.add(
-        DashboardSession(
-            id=session_row_id(parsed[1]),
-            key_id=key_id,
-            created_at=at,
-            expires_at=at + timedelta(seconds=SESSION_SECONDS),
-        )
-    )
-    return token
-
-
-def end_session(session: Session, nonce: str) -> None:
-    session.execute(
-        update(DashboardSession)
-        .where(
-            col(DashboardSession.id) == session_row_id(nonce),
-            col(DashboardSession.ended_at).is_(None),
-        )
-        .values(ended_at=utcnow())
-    )
-
-
-def csrf_token(nonce: str) -> str:
-    return _b64(_mac(get_settings().secret_keys[0], b"leasehold-csrf", nonce.encode()))
-
-
-def csrf_ok(nonce: str, given: str | None) -> bool:
-    if not given:
-        return False
-    try:
-        raw = _unb64(given)
-    except ValueError:
-        return False
-    return any(
-        hmac.compare_digest(_mac(k, b"leasehold-csrf", nonce.encode()), raw)
-        for k in get_settings().secret_keys
-    )
-
-
-@dataclass
-class Viewer:
-    key: ApiKey
-    nonce: str
-
-    @property
-    def csrf(self) -> str:
-        return csrf_token(self.nonce)
-
-    def scope(self, asked: str | None) -> str | None:
-        """An operator's own tenant; an admin's choice (None: all)."""
-        if self.key.role == Role.admin:
-            return asked or None
-        return self.key.tenant
-
-
-def viewer_of(request: Request, session: Session) -> Viewer | None:
-    token = request.cookies.get(COOKIE)
-    parsed = read_session(token) if token else None
-    if parsed is None:
-        return None
-    key_id, nonce = parsed
-    row = session.get(DashboardSession, session_row_id(nonce))
-    if row is None or row.ended_at is not None or row.key_id != key_id:
-        return None  # signed out, or never opened here
-    if row.expires_at <= utcnow():
-        return None
-    key = session.get(ApiKey, key_id)
-    if key is None or key.revoked_at is not None or key.role not in (Role.operator, Role.admin):
-        return None
-    return Viewer(key=key, nonce=nonce)
 
 
 def _secure(response: Response) -> Response:
@@ -223,7 +93,7 @@ def _same_origin(request: Request) -> bool:
 async def _form(request: Request) -> dict[str, str]:
     """Read first, before any session or CSRF check: the limit (app.api.limits) holds."""
     body = await request.body()
-    if len(body) > MAX_FORM:
+    if len(body) > MAX_FORM_BODY:
         return {}
     parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
     return {k: v[0] for k, v in parsed.items()}
@@ -281,90 +151,6 @@ def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
         "failing": overview.failing_revocations(session, tenant=scope, alert_after=alert_after),
         "policy": _policy_line(),
         **_slow_parts(session, scope, now),
-    }
-
-
-# --- the chart: inline SVG, computed here ------------------------------------
-
-W, H, LEFT, RIGHT = 760, 230, 56, 12
-BARS_TOP, BARS_BOTTOM = 16, 96
-LAT_TOP, LAT_BOTTOM = 126, 206
-
-
-def _lat_y(value: float, lo: float, hi: float) -> float:
-    value = min(max(value, lo), hi)
-    frac = (math.log10(value) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-    return round(LAT_BOTTOM - frac * (LAT_BOTTOM - LAT_TOP), 1)
-
-
-def chart(series: overview.Series) -> dict[str, Any]:
-    """Bars of revocations per bucket over p50/p99 lines of time to revoke (log scale)."""
-    n = len(series.buckets)
-    step = (W - LEFT - RIGHT) / n
-    most = max((b.count for b in series.buckets), default=0)
-    worst = max((b.p99 for b in series.buckets if b.p99 is not None), default=0.0)
-    lo, hi = 0.001, 10 ** max(0, math.ceil(math.log10(worst))) if worst > 0 else 1.0
-    bars: list[dict[str, Any]] = []
-    lines: dict[str, list[list[str]]] = {"p50": [[]], "p99": [[]]}
-    dots: dict[str, list[dict[str, Any]]] = {"p50": [], "p99": []}
-    for i, b in enumerate(series.buckets):
-        x = LEFT + i * step
-        if b.count:
-            height = max(1.0, (BARS_BOTTOM - BARS_TOP) * b.count / most)
-            bars.append(
-                {
-                    "x": round(x + 1, 1),
-                    "y": round(BARS_BOTTOM - height, 1),
-                    "w": round(step - 2, 1),
-                    "h": round(height, 1),
-                    "title": (
-                        f"{b.start:%H:%M} UTC: {b.count} revoked, "
-                        f"p50 {overview.duration(b.p50)}, p99 {overview.duration(b.p99)}"
-                    ),
-                }
-            )
-        for name in ("p50", "p99"):
-            value = getattr(b, name)
-            if value is None:
-                if lines[name][-1]:
-                    lines[name].append([])  # a gap: start a new line
-                continue
-            cx, cy = round(x + step / 2, 1), _lat_y(value, lo, hi)
-            lines[name][-1].append(f"{cx},{cy}")
-            dots[name].append(
-                {
-                    "x": cx,
-                    "y": cy,
-                    "title": f"{b.start:%H:%M} UTC: {name} {overview.duration(value)}",
-                }
-            )
-    ticks = []
-    exp = -3
-    while 10.0**exp <= hi * 1.0001:
-        ticks.append({"y": _lat_y(10.0**exp, lo, hi), "label": overview.duration(10.0**exp)})
-        exp += 1
-    minutes = int((series.width * n).total_seconds() // 60)
-    return {
-        "w": W,
-        "h": H,
-        "left": LEFT,
-        "right": W - RIGHT,
-        "bars_top": BARS_TOP,
-        "bars_bottom": BARS_BOTTOM,
-        "lat_top": LAT_TOP,
-        "lat_bottom": LAT_BOTTOM,
-        "most": most,
-        "bars": bars,
-        "ticks": ticks,
-        "p50": [" ".join(pts) for pts in lines["p50"] if pts],
-        "p99": [" ".join(pts) for pts in lines["p99"] if pts],
-        "dots": dots,
-        "x_labels": [
-            {"x": LEFT, "label": f"-{minutes}m"},
-            {"x": round(LEFT + (W - LEFT - RIGHT) / 2, 1), "label": f"-{minutes // 2}m"},
-            {"x": W - RIGHT, "label": "now"},
-        ],
-        "empty": most == 0,
     }
 
 
