@@ -777,6 +777,7 @@ def activate(
     sealed_secret: str,
     expires_at: datetime,
     now: datetime,
+    lease: str | None = None,
 ) -> bool:
     """Pending -> active, for the delivery holding the mint lease; False when the task
     ended meanwhile (the caller revokes) or another delivery took the lease over."""
@@ -790,6 +791,7 @@ def activate(
         .values(
             state=CredState.active,
             backend_ref=ref,
+            backend_lease=lease,
             sealed_secret=sealed_secret,
             expires_at=expires_at,
             minted_at=now,

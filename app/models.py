@@ -161,6 +161,8 @@ class Credential(SQLModel, table=True):
     state: str = Field(max_length=20)
     backend_name: str = Field(max_length=63)  # recorded before the mint
     backend_ref: str | None = Field(default=None, max_length=128)
+    # A dynamic secret's own lease (vault-dynamic): a heartbeat renews it with the token.
+    backend_lease: str | None = Field(default=None, max_length=512)
     expires_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)

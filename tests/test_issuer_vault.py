@@ -442,6 +442,11 @@ def test_token_gets_default_policy_only_when_the_profile_lists_it(
     issuer.revoke(minted.ref)
 
 
+def _keys(listing: dict[str, Any] | None) -> list[str]:
+    """A LIST answer's keys; Vault answers nothing at all for an empty prefix."""
+    return list(((listing or {}).get("data") or {}).get("keys") or [])
+
+
 def _live_leases(server: DevServer) -> list[dict[str, Any]]:
     """Every live lease under the test's database mounts."""
     root = _root(server)
@@ -449,9 +454,9 @@ def _live_leases(server: DevServer) -> list[dict[str, Any]]:
     for mount in root.sys.list_mounted_secrets_engines()["data"]:
         if not mount.startswith("lhdb"):
             continue
-        for role in root.list(f"sys/leases/lookup/{mount}creds")["data"]["keys"]:
+        for role in _keys(root.list(f"sys/leases/lookup/{mount}creds")):
             prefix = f"{mount}creds/{role}"
-            for key in root.list(f"sys/leases/lookup/{prefix}")["data"]["keys"]:
+            for key in _keys(root.list(f"sys/leases/lookup/{prefix}")):
                 leases.append(root.sys.read_lease(f"{prefix}{key}")["data"])
     return leases
 
@@ -476,3 +481,22 @@ def test_dynamic_lease_ends_by_the_deadline_not_the_roles_default(
     assert 0 < leases[0]["ttl"] <= 40
     issuer.revoke(minted.ref)
     assert _wait(lambda: not database.has_role(username), timeout=5)
+
+
+def test_a_heartbeat_extends_the_dynamic_lease_with_the_token(
+    vault: DevServer, database: Database, installation: str
+) -> None:
+    issuer = _dynamic_issuer(vault, installation, database)
+    minted = issuer.mint(_request(30, installation=installation))
+    assert minted.lease is not None and minted.lease.startswith(f"{database.mount}/creds/")
+    [before] = _live_leases(vault)
+    assert 0 < before["ttl"] <= 30
+    # The heartbeat moved the deadline to 4 minutes from now (the role allows 5).
+    later = datetime.now(UTC) + timedelta(seconds=240)
+    issuer.extend(minted.ref, later, lease=minted.lease)
+    [after] = _live_leases(vault)
+    assert after["id"] == before["id"] and 200 < after["ttl"] <= 240
+    token_ttl = _root(vault).auth.token.lookup_accessor(minted.ref)["data"]["ttl"]
+    assert 200 < token_ttl <= 240
+    issuer.revoke(minted.ref)
+    assert _wait(lambda: _live_leases(vault) == [], timeout=5)

@@ -59,6 +59,7 @@ def mint(credential_id: str, token: str | None = None) -> str:
             credential_id,
             token=token,
             ref=minted.ref,
+            lease=minted.lease,
             sealed_secret=sealing.seal(minted.secret),
             expires_at=minted.expires_at,
             now=utcnow(),
@@ -99,7 +100,7 @@ def extend(credential_id: str) -> str:
     if ref is None:
         return "skipped"
     try:
-        issuer_for(cred).extend(ref, cred.expires_at)
+        issuer_for(cred).extend(ref, cred.expires_at, lease=cred.backend_lease)
     except PermanentIssuerError as exc:
         record_extend_failure(cred, str(exc))
         return "failed"

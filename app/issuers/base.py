@@ -66,6 +66,7 @@ class Minted:
     ref: str
     secret: dict[str, Any]
     expires_at: datetime
+    lease: str | None = None  # a lease of the secret's own that extend() must renew
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class Issuer:
     def list_marked(self) -> list[MarkedObject]:
         raise NotImplementedError
 
-    def extend(self, ref: str, expires_at: datetime) -> None:
+    def extend(self, ref: str, expires_at: datetime, *, lease: str | None = None) -> None:
         """Move the backend expiry forward (a heartbeat moved the deadline)."""
         raise NotImplementedError
 

@@ -196,7 +196,7 @@ class PostgresIssuer(Issuer):
             )
         return marked
 
-    def extend(self, ref: str, expires_at: datetime) -> None:
+    def extend(self, ref: str, expires_at: datetime, *, lease: str | None = None) -> None:
         name = self._own(ref, "role")
         stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(
             sql.Identifier(name), sql.Literal(self._cap(expires_at).isoformat())

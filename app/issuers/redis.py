@@ -154,7 +154,7 @@ class RedisIssuer(Issuer):
             if user.startswith(self.prefix)
         ]
 
-    def extend(self, ref: str, expires_at: datetime) -> None:
+    def extend(self, ref: str, expires_at: datetime, *, lease: str | None = None) -> None:
         """ACL users have no TTL; the deadline sweep is what ends them."""
 
     def close(self) -> None:

@@ -98,18 +98,20 @@ class _TokenIssuer(Issuer):
         with ERRORS.guard("exists"):
             return self._gateway.lookup_accessor(ref) is not None
 
-    def extend(self, ref: str, expires_at: datetime) -> None:
-        """Renew the token by accessor to the new deadline.
+    def extend(self, ref: str, expires_at: datetime, *, lease: str | None = None) -> None:
+        """Renew the token by accessor to the new deadline, and the secret's lease with it.
 
-        Vault caps it at the token's explicit max TTL (the profile's max_ttl,
-        counted from the mint). For vault-dynamic this keeps the token, and so
-        its leases, alive; a lease whose own TTL is shorter still ends then.
+        Vault caps the token at its explicit max TTL (the profile's max_ttl, counted
+        from the mint), and a lease at its engine's maximum: the backend never holds
+        either past the deadline, and may end them sooner.
         """
         with ERRORS.guard("extend"):
             if self._gateway.lookup_accessor(ref) is None:
                 raise PermanentIssuerError("vault token no longer exists; cannot extend")
             increment = _seconds_until(expires_at, cap=self.profile.max_ttl)
             self._gateway.renew_accessor(ref, increment)
+            if lease is not None:
+                self._gateway.renew_lease(lease, increment)
 
     def list_marked(self) -> list[MarkedObject]:
         with ERRORS.guard("list"):
@@ -203,7 +205,12 @@ class VaultDynamicIssuer(_TokenIssuer):
                 self._discard(auth["accessor"])
                 raise
         expires_at = min(req.expires_at, now + timedelta(seconds=ttl))
-        return Minted(ref=auth["accessor"], secret=secret, expires_at=expires_at)
+        return Minted(
+            ref=auth["accessor"],
+            secret=secret,
+            expires_at=expires_at,
+            lease=lease[0] if lease is not None else None,
+        )
 
     def _bound_lease(self, lease_id: str, duration: int, deadline: datetime) -> int:
         """Make the secret's own lease end by the deadline; returns its TTL.
