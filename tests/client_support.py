@@ -4,10 +4,11 @@ from a subprocess with a bound."""
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,19 +54,30 @@ def leasehold_api() -> Iterator[str]:
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 60) -> list[str]:
-    """Lines of proc's stdout up to and including the first one holding `marker`."""
+    """Lines of proc's stdout up to and including the first one holding `marker`
+    (read by a thread: a line already buffered is never waited for again)."""
     assert proc.stdout is not None
+    lines_q: queue.Queue[str | None] = getattr(proc, "_lines", None) or queue.Queue()
+    if not hasattr(proc, "_lines"):
+        proc._lines = lines_q  # type: ignore[attr-defined]
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                lines_q.put(line.rstrip("\n"))
+            lines_q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
     lines: list[str] = []
     end = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < end:
-            if not sel.select(timeout=max(0.0, end - time.monotonic())):
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if marker in line:
-                return lines
+    while (left := end - time.monotonic()) > 0:
+        try:
+            line = lines_q.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
     raise AssertionError(f"{marker!r} not printed within {timeout}s: {lines}")

@@ -124,7 +124,9 @@ def test_task_block_credential_lives_as_long_as_the_block(
             wait_until(extended, timeout=10, interval=0.2)
             assert len(tasks_events(task, "task.heartbeat")) >= 1
             proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # stdout belongs to read_until's reader
+        assert proc.stderr is not None
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -29,10 +29,14 @@ class LeaseholdError(Exception):
     whole JSON answer (error answers never carry a secret)."""
 
     def __init__(self, status: int, reason: str, body: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{status}: {reason}")
+        # args are the constructor's: Celery and pickle rebuild the error from them.
+        super().__init__(status, reason, body)
         self.status = status
         self.reason = reason
         self.body: dict[str, Any] = body if body is not None else {"error": reason}
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.reason}"
 
     @property
     def state(self) -> str | None:
