@@ -12,6 +12,7 @@ COPY pyproject.toml constraints.txt README* ./
 COPY app ./app
 COPY workers ./workers
 COPY schedules ./schedules
+COPY sdk ./sdk
 # No extras: the `local` extra's OpenBao dev server has no place in production.
 RUN pip install -c constraints.txt . \
     && useradd --system --home-dir /var/lib/leasehold --create-home leasehold \

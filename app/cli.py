@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import httpx
@@ -294,27 +293,19 @@ def emit(
         data["workload"] = workload
     if parent:
         data["parent"] = parent
-    event = {
-        "specversion": "1.0",
-        "id": event_id or f"cli-{uuid.uuid4()}",
-        "source": source,
-        "type": kind,
-        "subject": task_id,
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "data": data,
-    }
-    try:
-        answer = httpx.post(
-            f"{s.url.rstrip('/')}/v1/events",
-            json=event,
-            headers={"Authorization": f"Bearer {s.key.get_secret_value()}"},
-            timeout=10,
-        )
-    except httpx.HTTPError as exc:
-        raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
-    echo(json.dumps(answer.json(), indent=2))
-    if answer.status_code >= 400:
-        raise typer.Exit(1)
+    from leasehold_client import Client, LeaseholdError
+
+    # A new id per command (unless given): each `emit` is its own event, and the
+    # client's retries within it resend that one event.
+    with Client(s.url, s.key.get_secret_value(), source=source) as client:
+        try:
+            answer = client.emit(kind, task_id, data, event_id=event_id or f"cli-{uuid.uuid4()}")
+        except LeaseholdError as exc:
+            echo(json.dumps(exc.body, indent=2))
+            raise typer.Exit(1) from None
+        except httpx.HTTPError as exc:
+            raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
+    echo(json.dumps(answer.body, indent=2))
 
 
 @cli.command()

@@ -1,0 +1,206 @@
+"""What the sync and async clients share: configuration, events, ids, answers, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8700"
+DEFAULT_SOURCE = "leasehold-client"
+TERMINAL = ("task.succeeded", "task.failed", "task.cancelled")
+# The server long-polls a claim for at most 30 s.
+MAX_CLAIM_WAIT = 30.0
+# Answers worth another try: the server was busy or briefly unavailable.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class LeaseholdError(Exception):
+    """The server refused a request (a 4xx, or a 5xx that outlasted the retries).
+
+    `status` is the HTTP status, `reason` the server's `error` member, `body` the
+    whole JSON answer (error answers never carry a secret)."""
+
+    def __init__(self, status: int, reason: str, body: dict[str, Any] | None = None) -> None:
+        # args are the constructor's: Celery and pickle rebuild the error from them.
+        super().__init__(status, reason, body)
+        self.status = status
+        self.reason = reason
+        self.body: dict[str, Any] = body if body is not None else {"error": reason}
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.reason}"
+
+    @property
+    def state(self) -> str | None:
+        """The credential's or task's state when the answer names one (409, 410)."""
+        value = self.body.get("state")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class TaskAnswer:
+    """The server's answer to an event: the task as it stands, and for
+    `task.started` the claim token its workload claims credentials with."""
+
+    task: str
+    state: str | None
+    deadline: datetime | None
+    claim_token: str | None
+    duplicate: bool
+    body: dict[str, Any]
+
+    def __repr__(self) -> str:  # the claim token stays out of logs and tracebacks
+        return (
+            f"TaskAnswer(task={self.task!r}, state={self.state!r}, deadline={self.deadline!r}, "
+            f"duplicate={self.duplicate!r})"
+        )
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def task_answer(task: str, body: dict[str, Any]) -> TaskAnswer:
+    view = body.get("task") if isinstance(body.get("task"), dict) else {}
+    return TaskAnswer(
+        task=task,
+        state=view.get("state"),
+        deadline=parse_time(view.get("deadline")),
+        claim_token=body.get("claim_token"),
+        duplicate=bool(body.get("duplicate")),
+        body=body,
+    )
+
+
+def segment(value: str) -> str:
+    """One percent-encoded path segment: a task id's `/` is `%2F`."""
+    return quote(value, safe="")
+
+
+def event_id(source: str, task: str, type_: str, seq: int) -> str:
+    """The same call gives the same id, so a retried or repeated send is a duplicate."""
+    digest = hashlib.sha256("\0".join((source, task, type_, str(seq))).encode()).hexdigest()
+    return f"lhc-{digest[:40]}"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def started_data(
+    grants: dict[str, str], max_duration: int, workload: str | None, parent: str | None
+) -> dict[str, Any]:
+    if not grants:
+        raise ValueError("a task needs at least one grant")
+    data: dict[str, Any] = {
+        "max_duration": int(max_duration),
+        "grants": [{"name": name, "profile": profile} for name, profile in grants.items()],
+    }
+    if workload is not None:
+        data["workload"] = workload
+    if parent is not None:
+        data["parent"] = parent
+    return data
+
+
+class Config:
+    """URL, key and source, from arguments or LEASEHOLD_URL / LEASEHOLD_KEY; and the
+    per-task, per-type event sequence that makes event ids deterministic."""
+
+    def __init__(
+        self,
+        url: str | None,
+        key: str | None,
+        source: str | None,
+        retries: int,
+        max_retry_wait: float,
+    ) -> None:
+        self.url = (url or os.environ.get("LEASEHOLD_URL") or DEFAULT_URL).rstrip("/")
+        self._key = key if key is not None else os.environ.get("LEASEHOLD_KEY")
+        self.source = source or DEFAULT_SOURCE
+        self.retries = max(0, int(retries))
+        self.max_retry_wait = max_retry_wait
+        self._seq: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def auth(self) -> dict[str, str]:
+        if not self._key:
+            raise ValueError("no emitter key: pass key= or set LEASEHOLD_KEY")
+        return {"Authorization": f"Bearer {self._key}"}
+
+    def next_id(self, task: str, type_: str) -> str:
+        with self._lock:
+            seq = self._seq.get((task, type_), 0) + 1
+            if type_ in TERMINAL:
+                # The task is over here: forget its counters (memory stays bounded),
+                # and a repeated end is the same event again.
+                for kind in ("task.started", "task.heartbeat", *TERMINAL):
+                    self._seq.pop((task, kind), None)
+            else:
+                self._seq[(task, type_)] = seq
+        return event_id(self.source, task, type_, seq)
+
+    def event(
+        self, type_: str, task: str, data: dict[str, Any] | None, event_id: str | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": event_id or self.next_id(task, type_),
+            "source": self.source,
+            "type": type_,
+            "subject": task,
+            "time": now_rfc3339(),
+        }
+        if data is not None:
+            body["data"] = data
+        return body
+
+    def backoff(self, attempt: int, answer: httpx.Response | None) -> float:
+        """Seconds before try `attempt + 1`: Retry-After when the server says, else
+        exponential with jitter; never more than max_retry_wait."""
+        if answer is not None:
+            after = answer.headers.get("Retry-After", "")
+            if after.strip().isdigit():
+                return min(float(after), self.max_retry_wait)
+        return min(0.5 * 2**attempt * (0.5 + random.random() / 2), self.max_retry_wait)  # noqa: S311
+
+
+def json_body(answer: httpx.Response) -> dict[str, Any]:
+    try:
+        body = answer.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def raise_for(answer: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON, or LeaseholdError for a 4xx/5xx."""
+    body = json_body(answer)
+    if answer.status_code >= 400:
+        reason = body.get("error")
+        if not isinstance(reason, str):
+            reason = answer.reason_phrase or "error"
+        raise LeaseholdError(answer.status_code, reason, body or None)
+    return body
+
+
+def retry_worth(answer: httpx.Response) -> bool:
+    return answer.status_code in RETRY_STATUSES
+
+
+# A claim or a rotation must not be sent twice when the first may have arrived: only
+# errors raised before anything was sent are retried for them.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)

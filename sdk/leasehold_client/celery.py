@@ -1,0 +1,210 @@
+"""Celery integration: every attempt of a task declared with `leasehold=` is a
+Leasehold task, and its secrets are read with `current_credentials()`.
+
+    from leasehold_client.celery import current_credentials, install
+
+    app = Celery("reports", broker=...)
+    install(app)
+
+    @app.task(leasehold={"grants": {"db": "reports-readonly"}, "max_duration": 300})
+    def nightly() -> int:
+        dsn = current_credentials()["db"]["dsn"]
+        ...
+
+The Leasehold task id is `<app.main>/<task name>/<celery task id>/try-<n>`
+(n = request.retries + 1): a retry ends one attempt (`task.failed`) and the next
+attempt is a new task with fresh credentials. Secrets are claimed on first use,
+kept in a context variable of that execution only (never in arguments, results
+or messages) and dropped when it ends. Works under the prefork, threads and solo
+pools: signals run in the thread that runs the task, and each process makes its
+own HTTP client.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from ._base import LeaseholdError
+from .client import Client
+
+__all__ = ["current_credentials", "install", "leasehold_task_id"]
+
+log = logging.getLogger("leasehold_client.celery")
+
+
+def leasehold_task_id(app_main: str, task_name: str, celery_id: str, retries: int) -> str:
+    """The Leasehold task id of one attempt."""
+    return f"{app_main}/{task_name}/{celery_id}/try-{int(retries or 0) + 1}"
+
+
+class _Attempt:
+    """One execution of a leasehold task: its claim token and the secrets claimed so far."""
+
+    def __init__(self, client: Client, task_id: str, grants: dict[str, str]) -> None:
+        self.client, self.task_id, self.grants = client, task_id, grants
+        self.claim_token: str | None = None
+        self.error: Exception | None = None
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def secret(self, grant: str) -> dict[str, Any]:
+        with self.lock:
+            if grant in self.secrets:
+                return self.secrets[grant]
+            if grant not in self.grants:
+                raise KeyError(f"the task declares no grant {grant!r}")
+            if self.error is not None:
+                raise LeaseholdError(
+                    getattr(self.error, "status", 0) or 503,
+                    f"Leasehold did not start this task: {self.error}",
+                ) from None
+            if self.claim_token is None:
+                raise LeaseholdError(410, "the task has ended; nothing to claim")
+            try:
+                secret = self.client.claim_secret(self.task_id, grant, self.claim_token)
+            except LeaseholdError as exc:
+                if exc.status != 410 or exc.state != "claimed":
+                    raise
+                # A redelivered message (acks_late, the worker died): this attempt
+                # claimed it before. Rotation revokes that copy and mints a fresh one.
+                log.warning("leasehold: %r was claimed before; rotating", grant)
+                self.claim_token = self.client.rotate(self.task_id, grant)
+                secret = self.client.claim_secret(self.task_id, grant, self.claim_token)
+            self.secrets[grant] = secret
+            return secret
+
+
+class _Credentials(Mapping[str, dict[str, Any]]):
+    """The running attempt's secrets by grant name, each claimed on first access."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self._attempt = attempt
+
+    def __getitem__(self, grant: str) -> dict[str, Any]:
+        return self._attempt.secret(grant)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._attempt.grants)
+
+    def __len__(self) -> int:
+        return len(self._attempt.grants)
+
+    def __repr__(self) -> str:  # never the secrets
+        return f"<leasehold credentials {sorted(self._attempt.grants)}>"
+
+
+_current: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "leasehold_attempt", default=None
+)
+
+
+def current_credentials() -> Mapping[str, dict[str, Any]]:
+    """The running task's secrets: `current_credentials()["db"]` is the `db` grant's
+    `secret` (claimed once, waiting for the mint). Only inside a task declared with
+    `leasehold=`; raises LookupError elsewhere."""
+    attempt = _current.get()
+    if attempt is None:
+        raise LookupError("not inside a Celery task declared with leasehold=...")
+    return _Credentials(attempt)
+
+
+def _options(task: Any) -> dict[str, Any] | None:
+    opts = getattr(task, "leasehold", None)
+    return opts if isinstance(opts, dict) else None
+
+
+class _Integration:
+    def __init__(self, app: Celery, url: str | None, key: str | None, source: str | None) -> None:
+        self.app = app
+        self.url, self.key = url, key
+        self.source = source or f"celery://{app.main}"
+        self._clients: dict[int, Client] = {}
+        self._lock = threading.Lock()
+
+    def client(self) -> Client:
+        """One client per process: a prefork child must not share its parent's sockets."""
+        pid = os.getpid()
+        with self._lock:
+            if pid not in self._clients:
+                self._clients = {pid: Client(self.url, self.key, source=self.source)}
+            return self._clients[pid]
+
+    def ours(self, task: Any) -> dict[str, Any] | None:
+        if task is None or getattr(task, "app", None) is not self.app:
+            return None
+        return _options(task)
+
+    def prerun(self, sender: Task | None = None, task_id: str = "", **_: Any) -> None:
+        opts = self.ours(sender)
+        if sender is None or opts is None:
+            return
+        grants = dict(opts.get("grants") or {})
+        name = leasehold_task_id(
+            self.app.main or "celery", sender.name, task_id, sender.request.retries
+        )
+        attempt = _Attempt(self.client(), name, grants)
+        _current.set(attempt)
+        try:
+            answer = attempt.client.started(
+                name,
+                grants=grants,
+                max_duration=int(opts.get("max_duration", 600)),
+                workload=opts.get("workload"),
+            )
+            attempt.claim_token = answer.claim_token
+        except Exception as exc:
+            # Celery logs and swallows a signal handler's exception: keep it, so the
+            # task's first current_credentials() read fails closed with it.
+            attempt.error = exc
+            log.error("leasehold: task.started for %r failed: %s", name, exc)
+
+    def postrun(self, sender: Task | None = None, state: str | None = None, **_: Any) -> None:
+        attempt = _current.get()
+        if attempt is None or self.ours(sender) is None:
+            return
+        _current.set(None)
+        attempt.secrets.clear()
+        if state == "SUCCESS":
+            kind = "task.succeeded"
+        elif state in ("FAILURE", "RETRY"):
+            kind = "task.failed"  # a retry ends this attempt; the next one is a new task
+        else:
+            kind = "task.cancelled"  # rejected, ignored, or interrupted
+        self._end(kind, attempt.task_id)
+
+    def revoked(self, sender: Task | None = None, request: Any = None, **_: Any) -> None:
+        # In the worker's main process, e.g. `revoke(terminate=True)`: the attempt's
+        # own process or thread never reaches postrun.
+        if request is None or self.ours(sender) is None:
+            return
+        assert sender is not None
+        name = leasehold_task_id(
+            self.app.main or "celery", sender.name, request.id, getattr(request, "retries", 0)
+        )
+        self._end("task.cancelled", name)
+
+    def _end(self, kind: str, name: str) -> None:
+        try:
+            self.client().emit(kind, name, {})
+        except Exception as exc:  # the deadline still ends the task
+            log.error("leasehold: %s for %r failed: %s", kind, name, exc)
+
+
+def install(
+    app: Celery, *, url: str | None = None, key: str | None = None, source: str | None = None
+) -> None:
+    """Connect the integration to `app`'s tasks declared with `leasehold={"grants":
+    {name: profile}, "max_duration": seconds, "workload": optional}`. `url` and `key`
+    default to LEASEHOLD_URL and LEASEHOLD_KEY; `source` to `celery://<app.main>`."""
+    integration = _Integration(app, url, key, source)
+    app._leasehold = integration  # type: ignore[attr-defined]  # keeps the receivers alive
+    signals.task_prerun.connect(integration.prerun, weak=False)
+    signals.task_postrun.connect(integration.postrun, weak=False)
+    signals.task_revoked.connect(integration.revoked, weak=False)
