@@ -46,10 +46,11 @@ from app.ledger import HeldRow
 from app.logs import log
 from app.models import CredState, TaskState, utcnow
 from app.profiles import Profile, get_profiles
+from app.queue import RECONCILE, enqueue_extend, enqueue_revoke
 from app.settings import Settings, get_settings
 from schedules.sweep import REDRIVE_AFTER, redrive_stuck
-from workers.celery_app import celery_app, enqueue_extend, enqueue_revoke
 from workers.issuing import installation_id
+from workers.job import job
 
 BATCH = 500
 # A pending row untouched this long is no mint in flight (a mint with its retries
@@ -501,7 +502,7 @@ def _find_vanished(
     report.bump("active_checked", checked)
 
 
-@celery_app.task(name="schedules.reconcile.reconcile_task", ignore_result=True)
+@job(RECONCILE)
 def reconcile_task() -> dict[str, Any]:
     report = reconcile(trigger="schedule")
     return {"skipped": report.skipped, **report.counts()}
