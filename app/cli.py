@@ -217,7 +217,7 @@ def worker(
     s = settings()
     _checked_profiles()
     from app.logs import configure_logging
-    from workers.celery_app import celery_app
+    from app.queue import celery_app
 
     configure_logging(s)
     argv = [
@@ -247,7 +247,7 @@ def beat_cmd() -> None:
     s = settings()
     import schedules.beat  # noqa: F401  (installs the schedule)
     from app.logs import configure_logging
-    from workers.celery_app import celery_app
+    from app.queue import celery_app
 
     configure_logging(s)
     s.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
@@ -340,7 +340,7 @@ def webhook_secret(profile: str) -> None:
     """Print the key PROFILE's approval webhook is signed with, for its receiver."""
     settings()
     from app.profiles import ProfileError, get_profiles
-    from workers.notify_approval import webhook_key
+    from app.sealing import webhook_key
 
     try:
         found = get_profiles().get(profile)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, update
@@ -34,6 +35,7 @@ from app.models import (
 )
 from app.profiles import Profile
 from app.redact import LONG_TEXT, clip
+from app.settings import get_settings
 
 TERMINAL_EVENTS = {
     "task.succeeded": (TaskState.succeeded, "succeeded"),
@@ -99,6 +101,20 @@ def installation(session: Session) -> Installation:
     if row is None:
         raise RuntimeError("ledger has no installation row: run `leasehold db upgrade`")
     return row
+
+
+def installation_id() -> str:
+    """This ledger's installation id, read once per process (and database URL): it never
+    changes, and every mint, event and reconciliation needs it."""
+    return _installation_id(get_settings().sqlalchemy_url)
+
+
+@lru_cache
+def _installation_id(url: str) -> str:
+    from app.db import session_scope  # the one read of its own: the ledger owns the row
+
+    with session_scope() as session:
+        return installation(session).id
 
 
 def audit(

@@ -74,6 +74,9 @@ REVOKE_BUCKETS = (
     300.0,
     3600.0,
 )
+# A job's run: sub-second jobs (a revoke, a mint) to a reconciliation of many backends.
+JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+JOB_OUTCOMES = ("ok", "retry", "failed", "ignored")
 _LOCK_FILE = ".lock"  # not *.db: the collector globs those
 
 
@@ -88,6 +91,8 @@ class Metrics:
     orphans_revoked: Counter
     policy_reload_errors: Counter
     policy_decisions: Counter
+    jobs: Counter
+    job_duration: Histogram
 
 
 _lock = threading.Lock()
@@ -187,6 +192,19 @@ def get() -> Metrics:
                     ["action", "decision"],
                     registry=None,
                 ),
+                jobs=Counter(
+                    "leasehold_jobs",
+                    "Runs of a Celery job, by job name and outcome (ok, retry, failed, ignored)",
+                    ["job", "outcome"],
+                    registry=None,
+                ),
+                job_duration=Histogram(
+                    "leasehold_job_duration_seconds",
+                    "Time one run of a Celery job took, whatever its outcome",
+                    ["job"],
+                    buckets=JOB_BUCKETS,
+                    registry=None,
+                ),
             )
     return _metrics
 
@@ -194,10 +212,15 @@ def get() -> Metrics:
 def initialize_series() -> None:
     """Zero series for every configured profile, so a fresh install shows every name."""
     from app.profiles import ProfileError, get_profiles
+    from app.queue import QUEUES
 
     m = get()
     m.orphans_revoked.inc(0)
     m.policy_reload_errors.inc(0)
+    for job in QUEUES:
+        for outcome in JOB_OUTCOMES:
+            m.jobs.labels(job, outcome).inc(0)
+        m.job_duration.labels(job)
     for action in ("mint", "extend"):
         for decision in ("allow", "deny"):
             m.policy_decisions.labels(action, decision).inc(0)

@@ -125,3 +125,13 @@ def orphans_revoked(count: int) -> None:
         metrics.get().orphans_revoked.inc(count)
     except OSError as exc:
         log.warning("metrics not recorded", extra={"error": str(exc)})
+
+
+def job_ran(job: str, outcome: str, duration: float) -> None:
+    """One run of a Celery job (workers.job): outcome ok, retry, failed or ignored."""
+    try:
+        m = metrics.get()
+        m.jobs.labels(job, outcome).inc()
+        m.job_duration.labels(job).observe(max(duration, 0.0))
+    except OSError as exc:
+        log.warning("metrics not recorded", extra={"error": str(exc)})

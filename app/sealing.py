@@ -11,11 +11,14 @@ import hashlib
 import hmac
 import json
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from app.profiles import Profile
 
 
 def _derive(key: bytes, purpose: bytes) -> bytes:
@@ -119,3 +122,17 @@ def hash_api_key(key: str) -> str:
 def task_digest(tenant: str, task_name: str) -> str:
     """The {task} placeholder: made by Leasehold, never event text."""
     return hashlib.sha256(f"{tenant}\0{task_name}".encode()).hexdigest()[:24]
+
+
+def webhook_key(profile: Profile) -> bytes:
+    """The key a profile's approval webhook is signed with: its own
+    `approval_webhook_secret`, or one derived from the current LEASEHOLD_SECRET_KEY
+    (`leasehold webhook-secret` prints it)."""
+    if profile.approval_webhook_secret:
+        return profile.approval_webhook_secret.encode()
+    derived = hmac.new(
+        get_settings().secret_keys[0],
+        b"leasehold-approval-webhook:" + profile.name.encode(),
+        hashlib.sha256,
+    )
+    return derived.hexdigest().encode()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from app.queue import PURGE, QUEUES, RECONCILE, RENEW_VAULT, SWEEP_DEADLINES, celery_app
 from app.settings import get_settings
-from workers.celery_app import REVOKE_QUEUE, celery_app
 
 
 def install_schedule() -> None:
@@ -11,25 +11,25 @@ def install_schedule() -> None:
     # Expire each tick before the next one: a stalled beat never piles them up.
     celery_app.conf.beat_schedule = {
         "deadline-sweep": {
-            "task": "schedules.sweep.sweep_deadlines_task",
+            "task": SWEEP_DEADLINES,
             "schedule": settings.sweep_interval,
-            "options": {"queue": REVOKE_QUEUE, "expires": settings.sweep_interval},
+            "options": {"queue": QUEUES[SWEEP_DEADLINES], "expires": settings.sweep_interval},
         },
         # Ledger vs backends, then the re-drive of stuck mints and revokes; stored as a sweep.
         "reconcile": {
-            "task": "schedules.reconcile.reconcile_task",
+            "task": RECONCILE,
             "schedule": settings.reconcile_interval,
-            "options": {"queue": REVOKE_QUEUE, "expires": settings.reconcile_interval},
+            "options": {"queue": QUEUES[RECONCILE], "expires": settings.reconcile_interval},
         },
         "retention": {
-            "task": "schedules.retention.purge_task",
+            "task": PURGE,
             "schedule": 3600.0,
-            "options": {"queue": REVOKE_QUEUE, "expires": 3600.0},
+            "options": {"queue": QUEUES[PURGE], "expires": 3600.0},
         },
         "renew-vault-token": {
-            "task": "schedules.sweep.renew_vault_token_task",
+            "task": RENEW_VAULT,
             "schedule": 60.0,
-            "options": {"queue": REVOKE_QUEUE, "expires": 60.0},
+            "options": {"queue": QUEUES[RENEW_VAULT], "expires": 60.0},
         },
     }
 

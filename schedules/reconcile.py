@@ -33,18 +33,18 @@ from app import ledger, observe
 from app.db import session_scope
 from app.issuers import backend_identity, get_issuer
 from app.issuers.base import BackendIdentity, Issuer, IssuerError, MarkedObject
-from app.ledger import HeldRow
+from app.ledger import HeldRow, installation_id
 from app.logs import log
 from app.models import utcnow
 from app.profiles import Profile, get_profiles
+from app.queue import RECONCILE, enqueue_extend, enqueue_revoke
 from app.redact import clip
 from app.settings import Settings, get_settings
 from schedules.judge import MARGIN, Act, expiry_lags, judge, vanished
 from schedules.lock import LOCK_KEY, sweep_lock
 from schedules.report import DETAIL_LIMIT, SweepReport, render_report
 from schedules.sweep import REDRIVE_AFTER, redrive_stuck
-from workers.celery_app import celery_app, enqueue_extend, enqueue_revoke
-from workers.issuing import installation_id
+from workers.job import job
 
 # Re-exported: callers and tests import these from here.
 __all__ = [
@@ -101,7 +101,7 @@ def reconcile(
         return _run(trigger, pending_grace, redrive_after)
 
 
-@celery_app.task(name="schedules.reconcile.reconcile_task", ignore_result=True)
+@job(RECONCILE)
 def reconcile_task() -> dict[str, Any]:
     report = reconcile(trigger="schedule")
     return {"skipped": report.skipped, **report.counts()}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app import ledger
+from app import ledger, queue
 from app.db import session_scope
 from app.logs import log
 from app.models import utcnow
 from app.settings import get_settings
-from workers.celery_app import celery_app
+from workers.job import job
 
 BATCH = 500
 
@@ -30,6 +30,6 @@ def purge() -> tuple[int, int, int]:
     return tasks, creds, events
 
 
-@celery_app.task(name="schedules.retention.purge_task", ignore_result=True)
+@job(queue.PURGE)
 def purge_task() -> tuple[int, int, int]:
     return purge()

@@ -13,12 +13,13 @@ from datetime import timedelta
 
 from sqlmodel import Session
 
-from app import ledger
+from app import ledger, queue
 from app.db import session_scope
 from app.logs import log
 from app.models import utcnow
+from app.queue import enqueue_mint, enqueue_revoke
 from app.settings import get_settings
-from workers.celery_app import celery_app, enqueue_mint, enqueue_revoke
+from workers.job import job
 
 BATCH = 500
 REDRIVE_AFTER = timedelta(minutes=2)  # longer than a mint or revoke with its retries
@@ -82,14 +83,14 @@ def _redrive(fetch: Callable[[Session], tuple[list[str], list[str]]], what: str)
     return mints, revokes
 
 
-@celery_app.task(name="schedules.sweep.sweep_deadlines_task", ignore_result=True)
+@job(queue.SWEEP_DEADLINES)
 def sweep_deadlines_task() -> int:
     revokes = sweep_deadlines()
     redrive_due()
     return revokes
 
 
-@celery_app.task(name="schedules.sweep.renew_vault_token_task", ignore_result=True)
+@job(queue.RENEW_VAULT)
 def renew_vault_token_task() -> None:
     settings = get_settings()
     if settings.vault_addr:

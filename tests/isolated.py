@@ -342,10 +342,9 @@ class Driver:
 
         from app import ledger
         from app.db import session_scope
-        from app.ledger import EventIn
+        from app.ledger import EventIn, installation_id
         from app.models import utcnow
         from app.profiles import get_profiles
-        from workers.issuing import installation_id
 
         event_id = event_id or f"evt-{os.urandom(6).hex()}"
         body = {"id": event_id, "type": type_, "subject": subject, "data": data}

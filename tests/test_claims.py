@@ -102,7 +102,7 @@ def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
 ) -> None:
     from app import ledger
     from app.models import utcnow
-    from workers.celery_app import enqueue_revoke
+    from app.queue import enqueue_revoke
 
     name, token, cred_id = start(app_client, keys["emitter"])
     real_unseal = sealing.unseal

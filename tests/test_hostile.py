@@ -26,9 +26,9 @@ from app import ledger
 from app.api.credentials import MAX_WAITERS, MAX_WAITERS_PER_TOKEN
 from app.db import session_scope
 from app.models import LIVE_CRED_STATES, Credential, utcnow
+from app.queue import enqueue_revoke
 from tests.conftest import DATA_DB, HOME, PROFILES, REDIS_URL, ROOT, stop_process, wait_until
 from tests.helpers import auth, claim_url, event, started, states, task_path, unique
-from workers.celery_app import enqueue_revoke
 
 MiB = 1024 * 1024
 # Profiles only this API process knows. With approval = true nothing is ever minted, so

@@ -19,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from app import metrics, observe
+from app import metrics, observe, queue
 from app.db import session_scope
 from app.logs import JsonFormatter, log
 from app.models import Sweep, utcnow
@@ -32,8 +32,13 @@ COUNTERS = {
     "leasehold_revocations": {"issuer", "profile", "reason", "outcome"},
     "leasehold_orphans_revoked": set(),
     "leasehold_second_claims": {"issuer", "profile"},
+    "leasehold_jobs": {"job", "outcome"},
 }
-HISTOGRAMS = {"leasehold_mint_duration_seconds", "leasehold_revoke_duration_seconds"}
+HISTOGRAMS = {
+    "leasehold_mint_duration_seconds": {"issuer"},
+    "leasehold_revoke_duration_seconds": {"issuer"},
+    "leasehold_job_duration_seconds": {"job"},
+}
 GAUGES = {
     "leasehold_active_credentials": {"issuer", "profile"},
     "leasehold_running_tasks": set(),
@@ -76,9 +81,9 @@ def test_names_types_and_bounded_labels(app_client: Any, keys: dict[str, str]) -
     for counter, labels in COUNTERS.items():
         assert families[counter].type == "counter", counter
         assert all(set(s.labels) <= labels for s in families[counter].samples), counter
-    for histogram in HISTOGRAMS:
+    for histogram, labels in HISTOGRAMS.items():
         assert families[histogram].type == "histogram", histogram
-        assert all(set(s.labels) <= {"issuer", "le"} for s in families[histogram].samples)
+        assert all(set(s.labels) <= labels | {"le"} for s in families[histogram].samples)
     for gauge, labels in GAUGES.items():
         assert families[gauge].type == "gauge", gauge
         assert all(set(s.labels) <= labels for s in families[gauge].samples), gauge
@@ -125,6 +130,21 @@ def test_counters_and_histograms_move_through_a_lifecycle(
     assert value(during, "leasehold_mint_duration_seconds_sum") > value(
         before, "leasehold_mint_duration_seconds_sum"
     )
+
+    # Each run of a job is counted by name and outcome, and timed (workers.job): once its
+    # body returned, just after the ledger shows the credential active.
+    def mint_jobs_counted() -> dict[str, Any] | None:
+        now = scrape(app_client)
+        ran = value(now, "leasehold_jobs_total", job=queue.MINT, outcome="ok") - value(
+            before, "leasehold_jobs_total", job=queue.MINT, outcome="ok"
+        )
+        return now if ran >= 2 else None
+
+    ran = wait_until(mint_jobs_counted, timeout=5)
+    assert (
+        value(ran, "leasehold_job_duration_seconds_count", job=queue.MINT)
+        - value(before, "leasehold_job_duration_seconds_count", job=queue.MINT)
+    ) >= 2
 
     first = app_client.post(claim_url(name, "vault"), headers=auth(token))
     assert first.status_code == 200
@@ -341,7 +361,7 @@ def test_a_worker_serves_its_own_metrics_on_its_port(tmp_path: Path, dead_pid: i
         assert answer.headers["content-type"].startswith("text/plain")
         families = {f.name: f for f in text_string_to_metric_families(answer.text)}
         assert value(families, "leasehold_mints_total", **labels) == 5
-        assert set(COUNTERS) | HISTOGRAMS <= set(families)
+        assert set(COUNTERS) | set(HISTOGRAMS) <= set(families)
         assert not set(GAUGES) & set(families)  # installation-wide: the api serves them
         assert httpx.get(f"http://127.0.0.1:{port}/other", timeout=5).status_code == 404
     finally:

@@ -22,10 +22,10 @@ from app.api import create_app
 from app.db import session_scope
 from app.errors_reporting import scrub_event, shutdown_sentry
 from app.models import utcnow
+from app.queue import REVOKE, REVOKE_QUEUE, configure, enqueue_revoke
 from app.settings import get_settings
 from tests.conftest import HOME, PREFIX, start_worker, stop_process, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
-from workers.celery_app import REVOKE_QUEUE, configure, enqueue_revoke
 
 URL_PASSWORD = "hunter2-url-password"
 
@@ -204,7 +204,7 @@ def test_failing_revocation_reaches_sentry_without_secrets(
             ) == [cred.id]
         sender = Celery("sentry-test")
         configure(sender, get_settings().model_copy(update={"broker_key_prefix": prefix}))
-        sender.send_task("workers.revoke.revoke_credential", args=[cred.id], queue=REVOKE_QUEUE)
+        sender.send_task(REVOKE, args=[cred.id], queue=REVOKE_QUEUE)
 
         events = wait_until(
             lambda: captured.matching("failing revocation"), timeout=30, interval=0.2

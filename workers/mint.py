@@ -9,15 +9,16 @@ from typing import Any
 from celery import Task as CeleryTask
 from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify, observe, sealing
+from app import ledger, notify, observe, queue, sealing
 from app.db import session_scope
 from app.issuers import revoke_ref
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
+from app.ledger import installation_id
 from app.logs import log
 from app.models import Credential, CredState, Task, utcnow
-from workers.backoff import retry_in
-from workers.celery_app import celery_app, enqueue_revoke
-from workers.issuing import installation_id, issuer_for
+from app.queue import enqueue_revoke
+from workers.issuing import issuer_for
+from workers.job import job
 
 
 def mint(credential_id: str, token: str | None = None) -> str:
@@ -124,26 +125,36 @@ def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
     }
 
 
-@celery_app.task(name="workers.mint.mint_credential", bind=True, max_retries=6)
+# A backend, or the ledger, out of reach: retried. Past max_retries the credential stays
+# pending and the re-drive picks it up.
+@job(
+    queue.MINT,
+    max_retries=6,
+    retry_on=(TemporaryIssuerError, OperationalError),
+    permanent=(PermanentIssuerError,),
+    bind=True,
+)
 def mint_credential(self: CeleryTask, credential_id: str) -> str:
-    try:
-        # The task id names this delivery: its retries keep the mint lease.
-        return mint(credential_id, token=self.request.id)
-    except (TemporaryIssuerError, OperationalError) as exc:  # a backend, or the ledger
-        # Past max_retries the credential stays pending and the re-drive picks it up.
-        raise self.retry(countdown=retry_in(exc, self.request.retries), exc=exc) from None
+    # The task id names this delivery: its retries keep the mint lease.
+    return mint(credential_id, token=self.request.id)
 
 
-@celery_app.task(name="workers.mint.extend_credential", bind=True, max_retries=6)
-def extend_credential(self: CeleryTask, credential_id: str) -> str:
-    try:
-        return extend(credential_id)
-    except TemporaryIssuerError as exc:
-        if self.request.retries >= self.max_retries:
-            # Out of retries: said in the ledger, not only in a lost exception.
-            with session_scope() as session:
-                cred = session.get(Credential, credential_id)
-            if cred is not None:
-                record_extend_failure(cred, f"gave up after {self.request.retries} retries: {exc}")
-            return "failed"
-        raise self.retry(countdown=retry_in(exc, self.request.retries), exc=exc) from None
+def _extend_gave_up(exc: BaseException, credential_id: str) -> str:
+    """Out of retries: said in the ledger, not only in a lost exception."""
+    with session_scope() as session:
+        cred = session.get(Credential, credential_id)
+    if cred is not None:
+        retries = extend_credential.max_retries
+        record_extend_failure(cred, f"gave up after {retries} retries: {exc}")
+    return "failed"
+
+
+@job(
+    queue.EXTEND,
+    max_retries=6,
+    retry_on=(TemporaryIssuerError,),
+    permanent=(PermanentIssuerError,),
+    on_give_up=_extend_gave_up,
+)
+def extend_credential(credential_id: str) -> str:
+    return extend(credential_id)

@@ -18,15 +18,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from celery import Task as CeleryTask
 
+from app import queue
 from app.db import session_scope
 from app.logs import log
 from app.models import Credential, CredState, Task
-from app.profiles import Profile, get_profiles, webhook_url_problem
+from app.profiles import get_profiles, webhook_url_problem
+from app.sealing import webhook_key
 from app.settings import get_settings
-from workers.backoff import backoff
-from workers.celery_app import celery_app
+from workers.job import job
 
 SIGNATURE_HEADER = "Leasehold-Signature"
 DELIVERY_HEADER = "Leasehold-Delivery"
@@ -37,19 +37,6 @@ RETRY_STATUSES = {408, 425, 429}
 class WebhookRetry(Exception):
     """A failure worth another try; the message names the host only (a webhook URL's
     path is often itself a secret, e.g. chat tools' incoming webhooks)."""
-
-
-def webhook_key(profile: Profile) -> bytes:
-    """The key a profile's webhook is signed with: its own `approval_webhook_secret`, or
-    one derived from the current LEASEHOLD_SECRET_KEY (`leasehold webhook-secret` prints it)."""
-    if profile.approval_webhook_secret:
-        return profile.approval_webhook_secret.encode()
-    derived = hmac.new(
-        get_settings().secret_keys[0],
-        b"leasehold-approval-webhook:" + profile.name.encode(),
-        hashlib.sha256,
-    )
-    return derived.hexdigest().encode()
 
 
 def sign(key: bytes, timestamp: int, body: bytes) -> str:
@@ -127,14 +114,6 @@ def request_approval(credential_id: str) -> str:
     return "rejected"
 
 
-@celery_app.task(
-    name="workers.notify_approval.request_approval", bind=True, max_retries=MAX_RETRIES
-)
-def request_approval_task(self: CeleryTask, credential_id: str) -> str:
-    try:
-        return request_approval(credential_id)
-    except WebhookRetry as exc:
-        log.warning(
-            "approval webhook failed", extra={"credential": credential_id, "error": str(exc)}
-        )
-        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+@job(queue.REQUEST_APPROVAL, max_retries=MAX_RETRIES, retry_on=(WebhookRetry,))
+def request_approval_task(credential_id: str) -> str:
+    return request_approval(credential_id)

@@ -5,18 +5,17 @@ from __future__ import annotations
 import logging
 import time
 
-from celery import Task as CeleryTask
 from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify, observe
+from app import ledger, notify, observe, queue
 from app.db import session_scope
 from app.issuers import revoke_ref
 from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
 from app.logs import log
 from app.models import Credential, CredState, utcnow
-from workers.backoff import backoff, retry_in
-from workers.celery_app import celery_app
+from workers.backoff import retry_in
 from workers.issuing import issuer_for
+from workers.job import job
 
 
 class RevokeFailed(Exception):
@@ -26,6 +25,11 @@ class RevokeFailed(Exception):
         super().__init__(message)
         self.attempts = attempts
         self.retry_in = retry_in
+
+    @property
+    def delay(self) -> float:
+        """What the job's retry waits: the ledger's backoff, so both agree."""
+        return self.retry_in
 
 
 def revoke(credential_id: str) -> str:
@@ -92,13 +96,9 @@ def _failed(cred: Credential, attempts: int, exc: Exception, message: str, level
     log.log(level, message, extra=extra)
 
 
-@celery_app.task(name="workers.revoke.revoke_credential", bind=True, max_retries=10)
-def revoke_credential(self: CeleryTask, credential_id: str) -> str:
-    try:
-        return revoke(credential_id)
-    except RevokeFailed as exc:
-        # Past max_retries the deadline sweep enqueues it again when it is due: it never
-        # stops.
-        raise self.retry(countdown=exc.retry_in, exc=exc) from None
-    except OperationalError as exc:  # the ledger itself is unreachable: try again soon
-        raise self.retry(countdown=backoff(self.request.retries), exc=exc) from None
+# A failed attempt (counted in the ledger, retried after its `delay`) or the ledger itself
+# out of reach (backoff). Past max_retries the deadline sweep enqueues it again when it is
+# due: it never stops.
+@job(queue.REVOKE, max_retries=10, retry_on=(RevokeFailed, OperationalError))
+def revoke_credential(credential_id: str) -> str:
+    return revoke(credential_id)

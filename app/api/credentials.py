@@ -35,7 +35,7 @@ from app.db import SessionDep, get_engine
 from app.logs import log
 from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
-from workers.celery_app import enqueue_mint, enqueue_revoke
+from app.queue import enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
 router = APIRouter(tags=["credentials"])

@@ -29,18 +29,12 @@ from app.api.schemas import (
     task_view,
 )
 from app.db import get_engine
-from app.ledger import EventIn, EventResult
+from app.ledger import EventIn, EventResult, installation_id
 from app.logs import log
 from app.models import ApiKey, Task
 from app.profiles import Profile, get_profiles
+from app.queue import enqueue_approval_request, enqueue_extend, enqueue_mint, enqueue_revoke
 from app.settings import get_settings
-from workers.celery_app import (
-    enqueue_approval_request,
-    enqueue_extend,
-    enqueue_mint,
-    enqueue_revoke,
-)
-from workers.issuing import installation_id
 
 router = APIRouter()
 MAX_BODY = MAX_EVENT_BODY

@@ -1,4 +1,9 @@
-"""The Celery app. Messages carry ids only; there is no result backend."""
+"""The job queue: the Celery app, its queues and the names of its jobs.
+
+The API, the schedules and the workers enqueue through here, by name; nothing here
+imports a job's code, so `app` never imports `workers`. Messages carry ids only; there
+is no result backend. A job is declared with `workers.job.job(<name>, ...)`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,38 @@ from app.settings import Settings, get_settings
 
 MINT_QUEUE = "mint"
 REVOKE_QUEUE = "revoke"  # revocations and sweeps: never behind mints
+
+# Job names: the decorator registers them, send_task and beat address them. They are
+# the wire names of messages in flight, so they never change with the code's layout.
+MINT = "workers.mint.mint_credential"
+EXTEND = "workers.mint.extend_credential"
+REVOKE = "workers.revoke.revoke_credential"
+REQUEST_APPROVAL = "workers.notify_approval.request_approval"
+SWEEP_DEADLINES = "schedules.sweep.sweep_deadlines_task"
+RENEW_VAULT = "schedules.sweep.renew_vault_token_task"
+RECONCILE = "schedules.reconcile.reconcile_task"
+PURGE = "schedules.retention.purge_task"
+
+# Each job's queue. Revocations and the schedules never wait behind mints.
+QUEUES: dict[str, str] = {
+    MINT: MINT_QUEUE,
+    EXTEND: MINT_QUEUE,
+    REQUEST_APPROVAL: MINT_QUEUE,
+    REVOKE: REVOKE_QUEUE,
+    SWEEP_DEADLINES: REVOKE_QUEUE,
+    RENEW_VAULT: REVOKE_QUEUE,
+    RECONCILE: REVOKE_QUEUE,
+    PURGE: REVOKE_QUEUE,
+}
+# The modules that declare the jobs, imported by the worker (strings: never by the API).
+JOB_MODULES = (
+    "workers.mint",
+    "workers.revoke",
+    "workers.notify_approval",
+    "schedules.sweep",
+    "schedules.reconcile",
+    "schedules.retention",
+)
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -44,25 +81,13 @@ def configure(app: Celery, settings: Settings) -> None:
             Queue(MINT_QUEUE, Exchange(MINT_QUEUE), routing_key=MINT_QUEUE),
         ],
         task_default_queue=MINT_QUEUE,
-        task_routes={
-            "workers.mint.*": {"queue": MINT_QUEUE},
-            "workers.notify_approval.*": {"queue": MINT_QUEUE},
-            "workers.revoke.*": {"queue": REVOKE_QUEUE},
-            "schedules.*": {"queue": REVOKE_QUEUE},
-        },
+        task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
         task_default_exchange=MINT_QUEUE,
         task_default_routing_key=MINT_QUEUE,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.home / "beat-schedule").resolve()),
-        include=[
-            "workers.mint",
-            "workers.revoke",
-            "workers.notify_approval",
-            "schedules.sweep",
-            "schedules.reconcile",
-            "schedules.retention",
-        ],
+        include=list(JOB_MODULES),
     )
 
 
@@ -88,23 +113,22 @@ def _error_reporting(**_: object) -> None:
     init_sentry(get_settings(), component="worker")
 
 
-def enqueue_mint(ids: list[str]) -> None:
+def _enqueue(name: str, ids: list[str]) -> None:
     for cred_id in ids:
-        celery_app.send_task("workers.mint.mint_credential", args=[cred_id], queue=MINT_QUEUE)
+        celery_app.send_task(name, args=[cred_id], queue=QUEUES[name])
+
+
+def enqueue_mint(ids: list[str]) -> None:
+    _enqueue(MINT, ids)
 
 
 def enqueue_extend(ids: list[str]) -> None:
-    for cred_id in ids:
-        celery_app.send_task("workers.mint.extend_credential", args=[cred_id], queue=MINT_QUEUE)
+    _enqueue(EXTEND, ids)
 
 
 def enqueue_revoke(ids: list[str]) -> None:
-    for cred_id in ids:
-        celery_app.send_task("workers.revoke.revoke_credential", args=[cred_id], queue=REVOKE_QUEUE)
+    _enqueue(REVOKE, ids)
 
 
 def enqueue_approval_request(ids: list[str]) -> None:
-    for cred_id in ids:
-        celery_app.send_task(
-            "workers.notify_approval.request_approval", args=[cred_id], queue=MINT_QUEUE
-        )
+    _enqueue(REQUEST_APPROVAL, ids)
