@@ -88,6 +88,7 @@ class Metrics:
     orphans_revoked: Counter
     policy_reload_errors: Counter
     policy_decisions: Counter
+    proxy_requests: Counter
 
 
 _lock = threading.Lock()
@@ -187,6 +188,12 @@ def get() -> Metrics:
                     ["action", "decision"],
                     registry=None,
                 ),
+                proxy_requests=Counter(
+                    "leasehold_proxy_requests",
+                    "Requests to `leasehold proxy`: forwarded, or refused by reason",
+                    ["profile", "outcome"],
+                    registry=None,
+                ),
             )
     return _metrics
 
@@ -212,6 +219,8 @@ def initialize_series() -> None:
         m.second_claims.labels(p.issuer, p.name).inc(0)
         m.mint_duration.labels(p.issuer)
         m.revoke_duration.labels(p.issuer)
+        if p.issuer == "proxy":
+            m.proxy_requests.labels(p.name, "forwarded").inc(0)
 
 
 # --- the directory ---------------------------------------------------------
