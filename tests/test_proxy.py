@@ -25,6 +25,7 @@ from sqlalchemy import text
 from app.db import get_engine
 from app.proxy.paths import PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
+from schedules.reconcile import reconcile
 from tests.conftest import HOME, ROOT, free_port, stop_process, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
 
@@ -316,6 +317,12 @@ def test_the_upstream_gets_the_key_and_never_the_token(
     detail = json.loads(entry["detail"])
     assert detail["method"] == "GET" and detail["path"] == "/v1/reports/q3"
     assert detail["status"] == 200 and detail["bytes_out"] > 0
+    # Nothing in a backend: the reconciliation leaves it alone (neither orphan nor vanished).
+    report = reconcile(trigger="test")
+    assert not report.skipped and report.vanished == 0
+    [summary] = [b for b in report.detail["backends"] if b["backend"] == "proxy ledger"]
+    assert summary["listed"] == 0 and "vendor-api" in summary["profiles"]
+    assert states("t1", cred["name"]) == {"api": "active"}
     # A redirect is handed back, never followed.
     Upstream.seen.clear()
     moved = httpx.get(f"{cred['url']}/redirect", headers=auth(cred["token"]))
