@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -20,11 +21,17 @@ from urllib.parse import quote
 import httpx
 import hvac
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.db import get_engine
+from app.issuers.base import IssuerError, PermanentIssuerError
+from app.issuers.proxy import ProxyIssuer
+from app.profiles import ProxyProfile
 from app.proxy.paths import PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
+from app.settings import Settings, get_settings
+from app.startup import upstream_problem
 from schedules.reconcile import reconcile
 from tests.conftest import HOME, ROOT, free_port, stop_process, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
@@ -278,6 +285,47 @@ def test_echo_redaction_finds_every_form_across_chunks() -> None:
             assert out.endswith(b" tail" * 20)
 
 
+def test_production_refuses_a_plain_http_upstream_unless_told() -> None:
+    profile = ProxyProfile(
+        name="p",
+        issuer="proxy",
+        max_ttl=60,
+        upstream="http://api.example:8080",
+        secret="secret/data/x#k",
+        inject="X-Key: {secret}",
+    )
+    production = Settings.model_construct(env="production", insecure_backends=False)
+    assert "plain http" in (upstream_problem(profile, production) or "")
+    insecure = Settings.model_construct(env="production", insecure_backends=True)
+    assert upstream_problem(profile, insecure) is None
+    local = Settings.model_construct(env="local", insecure_backends=False)
+    assert upstream_problem(profile, local) is None
+    tls = profile.model_copy(update={"upstream": "https://api.example"})
+    assert upstream_problem(tls, production) is None
+
+
+def test_a_secret_with_a_line_break_is_refused_and_never_said(installation_id: str) -> None:
+    bad = "line\r\nX-Evil: 1" + secrets.token_hex(8)
+    bao = hvac.Client(os.environ["LEASEHOLD_VAULT_ADDR"], os.environ["LEASEHOLD_VAULT_TOKEN"])
+    path = f"crlf-{secrets.token_hex(3)}"
+    bao.secrets.kv.v2.create_or_update_secret(path=path, secret={"k": bad})
+    profile = ProxyProfile(
+        name="crlf",
+        issuer="proxy",
+        max_ttl=60,
+        upstream="https://api.example",
+        secret=f"secret/data/{path}#k",
+        inject="X-Key: {secret}",
+    )
+    issuer = ProxyIssuer(profile, installation_id=installation_id, settings=get_settings())
+    with pytest.raises(PermanentIssuerError) as refused:
+        issuer.read_secret()
+    assert "CR, LF or NUL" in str(refused.value) and bad not in str(refused.value)
+    missing = profile.model_copy(update={"secret": f"secret/data/{path}-none#k"})
+    with pytest.raises(IssuerError):
+        ProxyIssuer(missing, installation_id=installation_id, settings=get_settings()).read_secret()
+
+
 # --- through the proxy --------------------------------------------------------------
 
 
@@ -317,6 +365,13 @@ def test_the_upstream_gets_the_key_and_never_the_token(
     detail = json.loads(entry["detail"])
     assert detail["method"] == "GET" and detail["path"] == "/v1/reports/q3"
     assert detail["status"] == 200 and detail["bytes_out"] > 0
+    # The dashboard shows the proxy credential with its request count.
+    web = TestClient(app_client.app, base_url="http://testserver", follow_redirects=False)
+    assert web.post("/dashboard/login", data={"key": keys["operator"]}).status_code == 303
+    live = web.get("/dashboard/live").text
+    row = live.split(f'data-credential="{cred["id"]}"', 1)[1].split("</tr>", 1)[0]
+    assert re.search(r"proxy-requests[^>]*>\s*1 requests", row), row
+    web.close()
     # Nothing in a backend: the reconciliation leaves it alone (neither orphan nor vanished).
     report = reconcile(trigger="test")
     assert not report.skipped and report.vanished == 0
