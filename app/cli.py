@@ -208,6 +208,28 @@ def api(
 
 
 @cli.command()
+def proxy(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8701,
+) -> None:
+    """The proxy for `proxy` credentials (reverse mode: <url>/p/<credential id>/...)."""
+    settings()
+    _checked_profiles()
+    import uvicorn
+
+    uvicorn.run(
+        "app.proxy.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,  # each request is audited instead; a URL may carry data
+        limit_concurrency=1000,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@cli.command()
 def worker(
     queues: Annotated[str, typer.Option(help="queues to consume")] = "revoke,mint",
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -109,10 +110,13 @@ def run_everything(settings: Settings, *, host: str, port: int) -> int:
     try:
         procs.append(subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)]))
         procs.append(subprocess.Popen([*exe, "worker", "--beat", "--concurrency", concurrency]))
+        proxy_port = str(urlsplit(settings.proxy_public_url).port or 8701)
+        procs.append(subprocess.Popen([*exe, "proxy", "--host", host, "--port", proxy_port]))
         if not _wait_healthy(url, procs):
             _say("leasehold: the API did not come up; see the messages above")
             return 1
         _say(f"\nLeasehold is up: {url}  (dashboard {url}/dashboard, API docs {url}/docs)")
+        _say(f"proxy for `proxy` credentials: {settings.proxy_public_url}")
         if keys:
             _say("first keys (shown once; store them now):")
             for role, secret in keys.items():

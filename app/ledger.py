@@ -794,6 +794,7 @@ def activate(
     expires_at: datetime,
     now: datetime,
     lease: str | None = None,
+    token_digest: str | None = None,
 ) -> bool:
     """Pending -> active, for the delivery holding the mint lease; False when the task
     ended meanwhile (the caller revokes) or another delivery took the lease over."""
@@ -808,6 +809,7 @@ def activate(
             state=CredState.active,
             backend_ref=ref,
             backend_lease=lease,
+            token_digest=token_digest,
             sealed_secret=sealed_secret,
             expires_at=expires_at,
             minted_at=now,

@@ -93,6 +93,7 @@ class Metrics:
     policy_decisions: Counter
     jobs: Counter
     job_duration: Histogram
+    proxy_requests: Counter
 
 
 _lock = threading.Lock()
@@ -205,6 +206,12 @@ def get() -> Metrics:
                     buckets=JOB_BUCKETS,
                     registry=None,
                 ),
+                proxy_requests=Counter(
+                    "leasehold_proxy_requests",
+                    "Requests to `leasehold proxy`: forwarded, or refused by reason",
+                    ["profile", "outcome"],
+                    registry=None,
+                ),
             )
     return _metrics
 
@@ -235,6 +242,8 @@ def initialize_series() -> None:
         m.second_claims.labels(p.issuer, p.name).inc(0)
         m.mint_duration.labels(p.issuer)
         m.revoke_duration.labels(p.issuer)
+        if p.issuer == "proxy":
+            m.proxy_requests.labels(p.name, "forwarded").inc(0)
 
 
 # --- the directory ---------------------------------------------------------

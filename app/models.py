@@ -149,6 +149,7 @@ class Credential(SQLModel, table=True):
         Index("ix_credentials_task", "task_id"),
         # The deadline sweep reads what is due again (a lost message) by time.
         Index("ix_credentials_next_attempt", "next_attempt_at"),
+        Index("ix_credentials_token_digest", "token_digest", unique=True),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -163,6 +164,9 @@ class Credential(SQLModel, table=True):
     backend_ref: str | None = Field(default=None, max_length=128)
     # A dynamic secret's own lease (vault-dynamic): a heartbeat renews it with the token.
     backend_lease: str | None = Field(default=None, max_length=512)
+    # SHA-256 (hex) of a token the holder presents to Leasehold itself (a proxy
+    # credential's proxy token); the token is only in the sealed claim answer.
+    token_digest: str | None = Field(default=None, max_length=64)
     expires_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)

@@ -37,6 +37,13 @@ def _redis_url() -> str | None:
     return url if url and url.startswith(("redis://", "rediss://")) else None
 
 
+def subscription() -> tuple[str, str] | None:
+    """(Redis URL, channel) that credential changes are published on; None without Redis.
+    For other processes that listen (`leasehold proxy`)."""
+    url = _redis_url()
+    return None if url is None else (url, _channel())
+
+
 def credential_changed(credential_id: str) -> None:
     url = _redis_url()
     if url is None:

@@ -238,6 +238,36 @@ def live_credentials(
     return rows[:limit]
 
 
+@dataclass(frozen=True)
+class ProxyCounts:
+    """What `leasehold proxy` audited for one credential."""
+
+    forwarded: int = 0
+    refused: int = 0
+    echoes: int = 0
+
+
+_PROXY_ACTIONS = {"proxy_request": "forwarded", "proxy_refused": "refused", "proxy_echo": "echoes"}
+
+
+def proxy_counts(session: Session, credential_ids: list[str]) -> dict[str, ProxyCounts]:
+    """Requests per proxy credential, from the audit trail (indexed by credential)."""
+    if not credential_ids:
+        return {}
+    rows = session.exec(
+        select(AuditEntry.credential_id, AuditEntry.action, func.count())
+        .where(
+            col(AuditEntry.credential_id).in_(credential_ids),
+            col(AuditEntry.action).in_(list(_PROXY_ACTIONS)),
+        )
+        .group_by(AuditEntry.credential_id, AuditEntry.action)
+    ).all()
+    found: dict[str, dict[str, int]] = {}
+    for cred_id, action, n in rows:
+        found.setdefault(cred_id or "", {})[_PROXY_ACTIONS[action]] = n
+    return {cred_id: ProxyCounts(**counts) for cred_id, counts in found.items()}
+
+
 def awaiting_approval(session: Session, *, tenant: str | None, limit: int = 50) -> list[CredRow]:
     """Grants waiting for an operator's decision, longest waiting last."""
     return _rows(session, _by_state(CredState.awaiting_approval, tenant, limit))

@@ -7,6 +7,7 @@ password).
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -101,13 +102,130 @@ class VaultDynamicProfile(_Profile):
     wrap: bool = False
 
 
+# A header name (RFC 9110 token); the proxy never lets a profile set these.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "accept-encoding",
+        "content-encoding",
+        "expect",
+    }
+)
+_METHOD = re.compile(r"^[A-Z]{1,16}$")
+_RATE = re.compile(r"^([1-9][0-9]{0,5})/(s|m|h)$")
+_RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ProxyProfile(_Profile):
+    """A static secret kept behind `leasehold proxy` (PRODUCT.md "Brokered access")."""
+
+    issuer: Literal["proxy"]
+    upstream: str = Field(max_length=512)  # scheme, host and port only
+    secret: str = Field(pattern=r"^[^#\s]+#[^#\s]+$", max_length=512)  # KV v2 path#field
+    inject: str = Field(max_length=1024)  # "Header-Name: text with {secret}"
+    methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+    ca_file: str | None = None
+    rate: str | None = None  # "10/s", "600/m", "1000/h": per credential
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            raise ValueError("not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http:// or https:// with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must carry no user or password")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("names scheme, host and port only (no path, query or fragment)")
+        return value
+
+    @field_validator("inject")
+    @classmethod
+    def _inject(cls, value: str) -> str:
+        name, sep, template = value.partition(":")
+        if not sep or not _HEADER_NAME.match(name.strip()) or name != name.strip():
+            raise ValueError('must be "Header-Name: value with {secret}"')
+        if name.lower() in _RESERVED_HEADERS or name.lower().startswith(("proxy-", "x-forwarded-")):
+            raise ValueError(f"header {name!r} is not one the proxy may set")
+        if "{secret}" not in template or any(c in template for c in "\r\n\x00"):
+            raise ValueError("the value must hold {secret} and no CR, LF or NUL")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not all(_METHOD.match(m) for m in value):
+            raise ValueError("methods are upper-case HTTP method names")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if not pattern.startswith("/"):
+                raise ValueError("each path starts with /")
+            for segment in pattern.split("/"):
+                if "*" in segment and segment not in ("*", "**"):
+                    raise ValueError("* and ** stand for whole segments only")
+                if segment in (".", "..") or any(c in segment for c in "%\\;?#"):
+                    raise ValueError("a path pattern is plain, decoded text without . or ..")
+        return value
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and not _RATE.match(value):
+            raise ValueError('must be like "10/s", "600/m" or "1000/h"')
+        return value
+
+    @property
+    def header_name(self) -> str:
+        return self.inject.partition(":")[0]
+
+    @property
+    def header_template(self) -> str:
+        return self.inject.partition(":")[2].strip()
+
+    @property
+    def secret_path(self) -> str:
+        return self.secret.partition("#")[0].strip("/")
+
+    @property
+    def secret_field(self) -> str:
+        return self.secret.partition("#")[2]
+
+    @property
+    def rate_per_second(self) -> tuple[float, float] | None:
+        """(requests per second, burst) of `rate`, or None for no limit."""
+        if self.rate is None:
+            return None
+        match = _RATE.match(self.rate)
+        assert match is not None
+        count = int(match.group(1))
+        return count / _RATE_PERIODS[match.group(2)], float(count)
+
+
 Profile = Annotated[
-    PostgresProfile | RedisProfile | VaultTokenProfile | VaultDynamicProfile,
+    PostgresProfile | RedisProfile | VaultTokenProfile | VaultDynamicProfile | ProxyProfile,
     Field(discriminator="issuer"),
 ]
 _profile_adapter: TypeAdapter[Profile] = TypeAdapter(Profile)
 
-ISSUERS = ("postgres", "redis", "vault-token", "vault-dynamic")
+ISSUERS = ("postgres", "redis", "vault-token", "vault-dynamic", "proxy")
 
 
 def _describe(name: str, exc: ValidationError) -> str:

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     backend_timeout: float = Field(5.0, gt=0)  # every external call is bounded
     event_rate_limit: float | None = Field(None, gt=0)  # events per second per key; None: none
     insecure_backends: bool = False  # production accepts plain-http Vault (with a warning)
+    # `leasehold proxy` (PRODUCT.md "Brokered access"): the address claims name, and bounds.
+    proxy_public_url: str = "http://127.0.0.1:8701"
+    proxy_max_request_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    proxy_max_response_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    proxy_timeout: float = Field(30.0, gt=0)  # connect, each read and each write upstream
 
     @model_validator(mode="after")
     def _embedded_openbao(self) -> Settings:

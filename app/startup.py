@@ -7,8 +7,8 @@ import logging
 from sqlmodel import Session, col, func, select
 
 from app.models import UNSETTLED_CRED_STATES, Credential
-from app.profiles import Profile, ProfileError, get_profiles, webhook_url_problem
-from app.settings import get_settings
+from app.profiles import Profile, ProfileError, ProxyProfile, get_profiles, webhook_url_problem
+from app.settings import Settings, get_settings
 
 logger = logging.getLogger("leasehold")
 
@@ -23,6 +23,15 @@ def removed_profiles_in_use(session: Session, profiles: dict[str, Profile]) -> d
         .group_by(Credential.profile)
     ).all()
     return dict(rows)
+
+
+def upstream_problem(profile: ProxyProfile, settings: Settings | None = None) -> str | None:
+    """Why `leasehold proxy` may not forward to this upstream here, or None."""
+    settings = settings or get_settings()
+    plain = profile.upstream.lower().startswith("http://")
+    if plain and settings.env == "production" and not settings.insecure_backends:
+        return "plain http is refused in production (LEASEHOLD_INSECURE_BACKENDS=1 allows it)"
+    return None
 
 
 def check(session: Session) -> dict[str, Profile]:
@@ -42,4 +51,6 @@ def check(session: Session) -> dict[str, Profile]:
         )
         if problem:
             raise ProfileError(f"profile '{name}': field 'approval_webhook': {problem}")
+        if isinstance(profile, ProxyProfile) and (why := upstream_problem(profile)):
+            raise ProfileError(f"profile '{name}': field 'upstream': {why}")
     return profiles

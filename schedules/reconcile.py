@@ -155,6 +155,9 @@ def _reconcile_backend(
     listed_at = utcnow()
     try:
         issuer = get_issuer(backend.profiles[0], installation_id=inst, settings=settings)
+        if not issuer.holds_objects:  # the ledger is all there is (proxy): nothing to judge
+            summary["listed"] = 0
+            return
         objects = issuer.list_marked()
     except IssuerError as exc:
         summary["error"] = clip(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,12 @@ def _admin_sql(*statements: str, dbname: str = "postgres") -> None:
 _bao: Any = None
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _bao
     if hasattr(config, "workerinput"):
@@ -144,6 +151,8 @@ def pytest_configure(config: pytest.Config) -> None:
             # Tests run the reconciliation themselves; a scheduled one would race them.
             "LEASEHOLD_RECONCILE_INTERVAL": "3600",
             "LEASEHOLD_LOG_LEVEL": "INFO",
+            # Where tests/test_proxy.py runs `leasehold proxy`; the worker names it in claims.
+            "LEASEHOLD_PROXY_PUBLIC_URL": f"http://127.0.0.1:{free_port()}",
         }
     )
     from app.migrate import upgrade

@@ -285,11 +285,20 @@ def _leftovers(directory: Path, markers: list[str], known: dict[int, str]) -> li
     return left
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_up_end_to_end_on_a_fresh_machine() -> None:
     """The README's first command: `leasehold up` in an empty directory, no configuration."""
     work = Path(tempfile.mkdtemp(prefix=f"leasehold-up-{RUN}-")).resolve()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
+    proxy_port = free_port()  # not the default 8701: another run may hold it
+    env["LEASEHOLD_PROXY_PUBLIC_URL"] = f"http://127.0.0.1:{proxy_port}"
     # The README's `.venv/bin/leasehold up` where the project is installed (.ci/run),
     # else the same entry point from this checkout.
     script = Path(sys.executable).parent / "leasehold"
@@ -353,6 +362,10 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
         assert any(f"--port {port}" in c for c in children.values()), children
         assert any(" worker " in c for c in children.values()), children
         assert any("bao server" in c for c in children.values()), children
+        assert any(f"proxy --host 127.0.0.1 --port {proxy_port}" in c for c in children.values())
+        wait_until(
+            lambda: _answers(f"http://127.0.0.1:{proxy_port}/healthz"), timeout=20, interval=0.2
+        )
 
         # An orchestrator starts a task; its workload claims a Vault token and uses it.
         emitter = {"Authorization": f"Bearer {found['emitter']}"}
@@ -398,7 +411,7 @@ def test_up_end_to_end_on_a_fresh_machine() -> None:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"`up` did not stop within 15 s\n{logs()}") from None
         assert code == 0, logs()
-        markers = [f"--port {port}", bao_addr.rsplit("//", 1)[1], str(work)]
+        markers = [f"--port {port}", f"--port {proxy_port}", bao_addr.rsplit("//", 1)[1], str(work)]
         wait_until(lambda: not _leftovers(work, markers, children), timeout=3, interval=0.1)
         assert not (work / ".leasehold" / "openbao-dev.json").exists()
         passed = True

@@ -640,7 +640,7 @@ def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
     # No default password, key or root token anywhere in the file.
     assert not re.search(r"PASSWORD:\s*\S|:-leasehold\}|ROOT_TOKEN_ID:\s*\S|-dev-root", text)
     assert "POSTGRES_PASSWORD_FILE" in services["postgres"]["environment"]
-    for name in ("api", "worker", "worker-revoke", "beat", "migrate"):
+    for name in ("api", "worker", "worker-revoke", "beat", "migrate", "proxy"):
         service = services[name]
         env = service["environment"]
         assert "pid" not in service, name  # a stopped api must not take the others with it
@@ -653,7 +653,7 @@ def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
         assert env["LEASEHOLD_SECRETS_DIR"] == "/run/leasehold-secrets"
         assert env["LEASEHOLD_POLICY_FILE"]
         assert not any("metrics" in str(v) for v in service.get("volumes", [])), name
-    for name in ("worker", "worker-revoke"):
+    for name in ("worker", "worker-revoke", "proxy"):
         assert "api" not in services[name].get("depends_on", {}), name
         assert services[name]["environment"]["LEASEHOLD_METRICS_PORT"] == "9808"
     # The generator makes each secret once, strong, and a URL that parses.

@@ -61,6 +61,7 @@ def mint(credential_id: str, token: str | None = None) -> str:
             token=token,
             ref=minted.ref,
             lease=minted.lease,
+            token_digest=minted.token_digest,
             sealed_secret=sealing.seal(minted.secret),
             expires_at=minted.expires_at,
             now=utcnow(),

@@ -31,6 +31,10 @@ def issuer_class(kind: str) -> type[Issuer]:
         from app.issuers.vault import VaultDynamicIssuer
 
         return VaultDynamicIssuer
+    if kind == "proxy":
+        from app.issuers.proxy import ProxyIssuer
+
+        return ProxyIssuer
     raise ValueError(f"unknown issuer {kind!r}")
 
 

@@ -67,6 +67,9 @@ class Minted:
     secret: dict[str, Any]
     expires_at: datetime
     lease: str | None = None  # a lease of the secret's own that extend() must renew
+    # SHA-256 (hex) of a token the holder presents to Leasehold itself (proxy); the
+    # ledger keeps it to check that token, never the token.
+    token_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class Issuer:
     # True where the object is named by the ledger (mark()) and that name is its
     # ref: the ref is known before the mint, and a second mint hits the same object.
     name_is_ref: ClassVar[bool] = False
+    # False where a credential lives only in the ledger (proxy): nothing in a backend to
+    # list, to vanish or to clean up; the reconciliation leaves such issuers alone.
+    holds_objects: ClassVar[bool] = True
 
     def __init__(self, profile: Any, *, installation_id: str, settings: Settings) -> None:
         self.profile = profile
