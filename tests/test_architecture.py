@@ -88,6 +88,11 @@ RULES: list[tuple[str, tuple[str, ...], str]] = [
         ("app", "workers", "schedules", "fastapi", "sqlmodel", "sqlalchemy"),
         "the client is a separate distribution that talks HTTP only",
     ),
+    (
+        "app.proxy",
+        ("app.api", "app.queue", "workers", "schedules"),
+        "the proxy reads state and writes only audit entries: it enqueues nothing",
+    ),
     ("workers", ("app.api", "fastapi", "starlette"), "workers are not the API"),
     ("schedules", ("app.api", "fastapi", "starlette"), "the scheduler is not the API"),
 ]
