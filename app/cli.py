@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -20,8 +21,10 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
+audit_cli = typer.Typer(no_args_is_help=True, help="The exported audit trail's hash chain.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(audit_cli, name="audit")
 
 
 def echo(text: str, *, err: bool = False) -> None:
@@ -182,6 +185,126 @@ def keys_revoke(name: str) -> None:
             raise fail(f"no key named {name!r}")
         key.revoked_at = key.revoked_at or utcnow()
     echo(f"key {name!r} retired")
+
+
+# --- the audit export ------------------------------------------------------------
+
+
+def _export_file(file: Path | None) -> Path:
+    if file is not None:
+        return file
+    path = settings().audit_export_path
+    if path is None:
+        raise fail("LEASEHOLD_AUDIT_EXPORT is stdout (-): name the FILE to check")
+    return path
+
+
+@audit_cli.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None, typer.Argument(help="the export (default: LEASEHOLD_AUDIT_EXPORT)")
+    ] = None,
+    first_prev: Annotated[
+        str | None,
+        typer.Option(help="the hash the first line follows: a file that starts mid-chain"),
+    ] = None,
+) -> None:
+    """Check the exported audit trail's hash chain; exit 1 naming the first bad line."""
+    from app.audit_chain import is_hash, verify
+
+    path = _export_file(file)
+    if first_prev is not None and not is_hash(first_prev):
+        raise fail("--first-prev must be 64 lowercase hex digits")
+    try:
+        with path.open("rb") as fh:
+            verdict = verify(fh, first_prev=first_prev)
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not verdict.ok:
+        raise fail(f"{path}:{verdict.bad_line}: {verdict.problem}")
+    if verdict.lines == 0:
+        echo(f"{path}: empty")
+        return
+    echo(
+        f"{path}: {verdict.lines} lines, seq {verdict.first_seq}..{verdict.last_seq}, "
+        f"chain intact; last hash {verdict.last_hash}"
+    )
+
+
+@audit_cli.command("status")
+def audit_status(
+    file: Annotated[
+        Path | None, typer.Argument(help="the export (default: LEASEHOLD_AUDIT_EXPORT)")
+    ] = None,
+) -> None:
+    """Compare the export's last line with the ledger's last exported entry (exit 1 if
+    they differ): what a chain cannot show by itself, lines cut off the end."""
+    settings()
+    from sqlmodel import col, func, select
+
+    from app.db import session_scope
+    from app.ledger import audit_export_head
+    from app.models import AuditEntry
+    from schedules.audit_export import ExportError, read_tail
+
+    with session_scope() as session:
+        head, head_hash = audit_export_head(session)
+        waiting = session.exec(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(col(AuditEntry.exported_seq).is_(None))
+        ).one()
+    echo(f"ledger: exported up to seq {head} (hash {head_hash or '-'}); {waiting} waiting")
+    if file is None and settings().audit_export_path is None:
+        echo("export goes to stdout: nothing to compare")
+        return
+    path = _export_file(file)
+    try:
+        tail = read_tail(path, head) if path.exists() else None
+    except (ExportError, OSError) as exc:
+        raise fail(f"{path}: {exc}") from None
+    if tail is None or tail.last_seq is None:
+        echo(f"file:   {path} is empty or missing (rotated?)")
+        return
+    echo(f"file:   {path} ends at seq {tail.last_seq} (hash {tail.last_hash})")
+    if tail.last_seq < head:
+        raise fail(f"the file ends {head - tail.last_seq} lines short of the ledger")
+    if tail.last_seq == head and tail.last_hash != head_hash:
+        raise fail("the file's last line is not the ledger's last exported entry")
+    if tail.last_seq > head:
+        echo("the file is ahead of the ledger: the next export marks those entries")
+    else:
+        echo("in step")
+
+
+@audit_cli.command("export")
+def audit_export(
+    follow: Annotated[
+        bool, typer.Option("--follow", help="keep exporting, every second, until stopped")
+    ] = False,
+) -> None:
+    """Write audit entries not yet exported to LEASEHOLD_AUDIT_EXPORT (the scheduler does
+    this every 2 s too; one exporter at a time)."""
+    import time
+
+    s = settings()
+    from schedules.audit_export import ExportError, export
+
+    while True:
+        try:
+            result = export()
+        except ExportError as exc:
+            raise fail(f"audit export stopped: {exc}") from None
+        if not follow:
+            if s.audit_export_path is not None:
+                echo(
+                    f"written {result.written}, reconciled {result.reconciled}, "
+                    f"chain at seq {result.seq}"
+                    + ("" if result.ran else " (another exporter holds the lock)"),
+                    err=True,
+                )
+            return
+        time.sleep(1.0)
 
 
 @cli.command()

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     backend_timeout: float = Field(5.0, gt=0)  # every external call is bounded
     event_rate_limit: float | None = Field(None, gt=0)  # events per second per key; None: none
     insecure_backends: bool = False  # production accepts plain-http Vault (with a warning)
+    # The audit chain's file (PRODUCT.md, "Audit export"); "" means <home>/audit.jsonl, "-" stdout.
+    audit_export: str = ""
 
     @model_validator(mode="after")
     def _embedded_openbao(self) -> Settings:
@@ -158,6 +160,13 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def audit_export_path(self) -> Path | None:
+        """The audit chain's file; None when it goes to stdout (`-`)."""
+        if self.audit_export == "-":
+            return None
+        return Path(self.audit_export) if self.audit_export else self.home / "audit.jsonl"
 
     @property
     def broker_dir(self) -> Path:
