@@ -1,4 +1,9 @@
-"""`leasehold`: the one entry point."""
+"""`leasehold`: the one entry point.
+
+`status`, `sweep`, `keys`, `db` and `audit` read the ledger directly
+(LEASEHOLD_DATABASE_URL, LEASEHOLD_HOME, ...); `credentials`, `tasks`, `sweeps`,
+`tail` and `emit` talk to the API at LEASEHOLD_URL with the key in LEASEHOLD_KEY.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,38 @@ import httpx
 import typer
 from pydantic import ValidationError
 
+from app import oncall
 from app.models import Role
 from app.redact import clip
 from app.settings import Settings, get_settings
 
 # No local variables in tracebacks: they may hold secrets (typer < 0.13 shows them).
-cli = typer.Typer(
-    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
-)
+# Shell completion: `leasehold --install-completion` (typer's).
+cli = typer.Typer(no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
 audit_cli = typer.Typer(no_args_is_help=True, help="The exported audit trail's hash chain.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(audit_cli, name="audit")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from app import __version__
+
+        typer.echo(f"leasehold {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = None,
+) -> None:
+    pass
 
 
 def echo(text: str, *, err: bool = False) -> None:
@@ -433,13 +456,35 @@ def emit(
 
 @cli.command()
 def status() -> None:
-    """Tasks and credentials at a glance."""
+    """Tasks and credentials at a glance (reads the ledger)."""
     settings()
     from app.db import session_scope
     from app.status import render_status
 
+    _ledger_ready()
     with session_scope() as session:
         echo(render_status(session))
+
+
+def _ledger_ready() -> None:
+    """A ledger that cannot be read, or is not at the latest migration, is named as
+    such (with what to do) instead of a traceback."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import get_engine
+    from app.migrate import alembic_config
+
+    try:
+        with get_engine().connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot read the ledger: {_without_urls(exc)}") from None
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    if current != heads:
+        state = "has no tables yet" if not current else "is not up to date"
+        raise fail(f"the ledger {state}: run `leasehold db upgrade`")
 
 
 @cli.command()
@@ -483,6 +528,13 @@ def up(
     from app.embedded import run_everything
 
     raise typer.Exit(run_everything(settings(), host=host, port=port))
+
+
+# The on-call commands (app/oncall.py): over the API, listed after the rest.
+cli.add_typer(oncall.credentials_cli, name="credentials")
+cli.add_typer(oncall.tasks_cli, name="tasks")
+cli.command("sweeps")(oncall.sweeps)
+cli.command("tail")(oncall.tail)
 
 
 def main() -> None:
