@@ -283,7 +283,7 @@ def audit_status(
         return
     path = _export_file(file)
     try:
-        tail = read_tail(path, head) if path.exists() else None
+        tail = read_tail(path, head, repair=False) if path.exists() else None
     except (ExportError, OSError) as exc:
         raise fail(f"{path}: {exc}") from None
     if tail is None or tail.last_seq is None:

@@ -53,13 +53,14 @@ class FileTail:
     after: list[dict[str, Any]]  # the lines with seq above the ledger's head, in order
 
 
-def read_tail(path: Path, after_seq: int) -> FileTail:
+def read_tail(path: Path, after_seq: int, *, repair: bool = True) -> FileTail:
     """The file's last line and every line after seq `after_seq` (read from the end).
-    Cuts off a partial last line: its entry was never marked, so it is written again."""
+    `repair` (the exporter, under its lock): cut off a partial last line, whose entry
+    was never marked, so it is written again; otherwise such a line is skipped."""
     if not path.exists():
         return FileTail(None, None, [])
-    with path.open("r+b") as fh:
-        pos = _cut_partial_line(fh)
+    with path.open("r+b" if repair else "rb") as fh:
+        pos = _cut_partial_line(fh) if repair else _last_newline(fh)
         data = b""
         while True:
             step = min(_TAIL_BLOCK, pos)
@@ -85,6 +86,16 @@ def read_tail(path: Path, after_seq: int) -> FileTail:
 def _cut_partial_line(fh: BinaryIO) -> int:
     """Truncate after the last newline; returns the file's size afterwards."""
     size = fh.seek(0, os.SEEK_END)
+    end = _last_newline(fh)
+    if end < size:
+        log.warning("audit export: cutting off a partial last line", extra={"bytes": size - end})
+        fh.truncate(end)
+    return end
+
+
+def _last_newline(fh: BinaryIO) -> int:
+    """The offset just after the file's last newline (0: none)."""
+    size = fh.seek(0, os.SEEK_END)
     end = size
     while end > 0:
         step = min(_TAIL_BLOCK, end)
@@ -97,8 +108,6 @@ def _cut_partial_line(fh: BinaryIO) -> int:
             end = end - step + cut + 1
             break
         end -= step
-    log.warning("audit export: cutting off a partial last line", extra={"bytes": size - end})
-    fh.truncate(end)
     return end
 
 

@@ -167,8 +167,13 @@ def test_a_crash_between_write_and_mark_repeats_nothing(
         audit_export._export_locked(export_file())
     monkeypatch.undo()
     assert set(ids) <= {line["id"] for line in file_lines()}  # written, not marked
-    with export_file().open("ab") as fh:  # and a half-written line after them
-        fh.write(b'{"id":"half')
+    with ledger_lock("audit-export") as got:  # as an exporter mid-write would hold it
+        assert got
+        with export_file().open("ab") as fh:  # and a half-written line after them
+            fh.write(b'{"id":"half')
+        # `audit status` only reads (no lock): it leaves a line being written alone.
+        assert cli("audit", "status").returncode in (0, 1)
+        assert export_file().read_bytes().endswith(b'{"id":"half')
     more = add_entries(2, "after the crash")
     result = export_now()
     assert result.ran
