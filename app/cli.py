@@ -1,27 +1,53 @@
-"""`leasehold`: the one entry point."""
+"""`leasehold`: the one entry point.
+
+`status`, `sweep`, `keys`, `db` and `audit` read the ledger directly
+(LEASEHOLD_DATABASE_URL, LEASEHOLD_HOME, ...); `credentials`, `tasks`, `sweeps`,
+`tail` and `emit` talk to the API at LEASEHOLD_URL with the key in LEASEHOLD_KEY.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from pydantic import ValidationError
 
+from app import oncall
 from app.models import Role
 from app.redact import clip
 from app.settings import Settings, get_settings
 
 # No local variables in tracebacks: they may hold secrets (typer < 0.13 shows them).
-cli = typer.Typer(
-    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
-)
+# Shell completion: `leasehold --install-completion` (typer's).
+cli = typer.Typer(no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 db_cli = typer.Typer(no_args_is_help=True, help="The ledger database.")
 keys_cli = typer.Typer(no_args_is_help=True, help="API keys.")
+audit_cli = typer.Typer(no_args_is_help=True, help="The exported audit trail's hash chain.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(audit_cli, name="audit")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from app import __version__
+
+        typer.echo(f"leasehold {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = None,
+) -> None:
+    pass
 
 
 def echo(text: str, *, err: bool = False) -> None:
@@ -184,6 +210,126 @@ def keys_revoke(name: str) -> None:
     echo(f"key {name!r} retired")
 
 
+# --- the audit export ------------------------------------------------------------
+
+
+def _export_file(file: Path | None) -> Path:
+    if file is not None:
+        return file
+    path = settings().audit_export_path
+    if path is None:
+        raise fail("LEASEHOLD_AUDIT_EXPORT is stdout (-): name the FILE to check")
+    return path
+
+
+@audit_cli.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None, typer.Argument(help="the export (default: LEASEHOLD_AUDIT_EXPORT)")
+    ] = None,
+    first_prev: Annotated[
+        str | None,
+        typer.Option(help="the hash the first line follows: a file that starts mid-chain"),
+    ] = None,
+) -> None:
+    """Check the exported audit trail's hash chain; exit 1 naming the first bad line."""
+    from app.audit_chain import is_hash, verify
+
+    path = _export_file(file)
+    if first_prev is not None and not is_hash(first_prev):
+        raise fail("--first-prev must be 64 lowercase hex digits")
+    try:
+        with path.open("rb") as fh:
+            verdict = verify(fh, first_prev=first_prev)
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if not verdict.ok:
+        raise fail(f"{path}:{verdict.bad_line}: {verdict.problem}")
+    if verdict.lines == 0:
+        echo(f"{path}: empty")
+        return
+    echo(
+        f"{path}: {verdict.lines} lines, seq {verdict.first_seq}..{verdict.last_seq}, "
+        f"chain intact; last hash {verdict.last_hash}"
+    )
+
+
+@audit_cli.command("status")
+def audit_status(
+    file: Annotated[
+        Path | None, typer.Argument(help="the export (default: LEASEHOLD_AUDIT_EXPORT)")
+    ] = None,
+) -> None:
+    """Compare the export's last line with the ledger's last exported entry (exit 1 if
+    they differ): what a chain cannot show by itself, lines cut off the end."""
+    settings()
+    from sqlmodel import col, func, select
+
+    from app.db import session_scope
+    from app.ledger import audit_export_head
+    from app.models import AuditEntry
+    from schedules.audit_export import ExportError, read_tail
+
+    with session_scope() as session:
+        head, head_hash = audit_export_head(session)
+        waiting = session.exec(
+            select(func.count())
+            .select_from(AuditEntry)
+            .where(col(AuditEntry.exported_seq).is_(None))
+        ).one()
+    echo(f"ledger: exported up to seq {head} (hash {head_hash or '-'}); {waiting} waiting")
+    if file is None and settings().audit_export_path is None:
+        echo("export goes to stdout: nothing to compare")
+        return
+    path = _export_file(file)
+    try:
+        tail = read_tail(path, head, repair=False) if path.exists() else None
+    except (ExportError, OSError) as exc:
+        raise fail(f"{path}: {exc}") from None
+    if tail is None or tail.last_seq is None:
+        echo(f"file:   {path} is empty or missing (rotated?)")
+        return
+    echo(f"file:   {path} ends at seq {tail.last_seq} (hash {tail.last_hash})")
+    if tail.last_seq < head:
+        raise fail(f"the file ends {head - tail.last_seq} lines short of the ledger")
+    if tail.last_seq == head and tail.last_hash != head_hash:
+        raise fail("the file's last line is not the ledger's last exported entry")
+    if tail.last_seq > head:
+        echo("the file is ahead of the ledger: the next export marks those entries")
+    else:
+        echo("in step")
+
+
+@audit_cli.command("export")
+def audit_export(
+    follow: Annotated[
+        bool, typer.Option("--follow", help="keep exporting, every second, until stopped")
+    ] = False,
+) -> None:
+    """Write audit entries not yet exported to LEASEHOLD_AUDIT_EXPORT (the scheduler does
+    this every 2 s too; one exporter at a time)."""
+    import time
+
+    s = settings()
+    from schedules.audit_export import ExportError, export
+
+    while True:
+        try:
+            result = export()
+        except ExportError as exc:
+            raise fail(f"audit export stopped: {exc}") from None
+        if not follow:
+            if s.audit_export_path is not None:
+                echo(
+                    f"written {result.written}, reconciled {result.reconciled}, "
+                    f"chain at seq {result.seq}"
+                    + ("" if result.ran else " (another exporter holds the lock)"),
+                    err=True,
+                )
+            return
+        time.sleep(1.0)
+
+
 @cli.command()
 def api(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
@@ -332,13 +478,35 @@ def emit(
 
 @cli.command()
 def status() -> None:
-    """Tasks and credentials at a glance."""
+    """Tasks and credentials at a glance (reads the ledger)."""
     settings()
     from app.db import session_scope
     from app.status import render_status
 
+    _ledger_ready()
     with session_scope() as session:
         echo(render_status(session))
+
+
+def _ledger_ready() -> None:
+    """A ledger that cannot be read, or is not at the latest migration, is named as
+    such (with what to do) instead of a traceback."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import get_engine
+    from app.migrate import alembic_config
+
+    try:
+        with get_engine().connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    except SQLAlchemyError as exc:
+        raise fail(f"cannot read the ledger: {_without_urls(exc)}") from None
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    if current != heads:
+        state = "has no tables yet" if not current else "is not up to date"
+        raise fail(f"the ledger {state}: run `leasehold db upgrade`")
 
 
 @cli.command()
@@ -382,6 +550,13 @@ def up(
     from app.embedded import run_everything
 
     raise typer.Exit(run_everything(settings(), host=host, port=port))
+
+
+# The on-call commands (app/oncall.py): over the API, listed after the rest.
+cli.add_typer(oncall.credentials_cli, name="credentials")
+cli.add_typer(oncall.tasks_cli, name="tasks")
+cli.command("sweeps")(oncall.sweeps)
+cli.command("tail")(oncall.tail)
 
 
 def main() -> None:

@@ -1223,6 +1223,33 @@ def finish_sweep(
     return session.get(Sweep, sweep_id)
 
 
+# --- the audit export ------------------------------------------------------------
+
+
+def audit_export_head(session: Session) -> tuple[int, str | None]:
+    """The last exported entry's (seq, hash): (0, None) before the first export."""
+    row = session.exec(
+        select(AuditEntry.exported_seq, AuditEntry.export_hash)
+        .where(col(AuditEntry.exported_seq).is_not(None))
+        .order_by(col(AuditEntry.exported_seq).desc())
+        .limit(1)
+    ).first()
+    return (int(row[0]), row[1]) if row else (0, None)
+
+
+def mark_exported(session: Session, marks: list[tuple[str, int, str]]) -> None:
+    """Record (id, seq, hash) of entries written to the export: compare-and-set on NULL,
+    so an entry is marked once; anything else means a second exporter, and fails."""
+    for entry_id, seq, digest in marks:
+        done = session.execute(
+            update(AuditEntry)
+            .where(col(AuditEntry.id) == entry_id, col(AuditEntry.exported_seq).is_(None))
+            .values(exported_seq=seq, export_hash=digest)
+        ).rowcount
+        if done != 1:
+            raise LedgerError(409, f"audit entry {entry_id} was not waiting for export")
+
+
 # --- retention -----------------------------------------------------------------
 
 
@@ -1250,6 +1277,26 @@ def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int,
     creds = session.execute(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
     session.execute(delete(Task).where(col(Task.id).in_(ids)))
     return len(ids), creds
+
+
+def purge_audit(session: Session, *, before: datetime, limit: int) -> int:
+    """Delete audit entries older than `before` that are in the export already; the
+    chain's head stays, the exporter continues from it."""
+    head, _ = audit_export_head(session)
+    ids = list(
+        session.exec(
+            select(AuditEntry.id)
+            .where(
+                col(AuditEntry.at) < before,
+                col(AuditEntry.exported_seq).is_not(None),
+                col(AuditEntry.exported_seq) < head,
+            )
+            .limit(limit)
+        )
+    )
+    if ids:
+        session.execute(delete(AuditEntry).where(col(AuditEntry.id).in_(ids)))
+    return len(ids)
 
 
 def purge_events(session: Session, *, before: datetime, limit: int) -> int:

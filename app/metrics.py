@@ -77,6 +77,21 @@ REVOKE_BUCKETS = (
 # A job's run: sub-second jobs (a revoke, a mint) to a reconciliation of many backends.
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 JOB_OUTCOMES = ("ok", "retry", "failed", "ignored")
+# leasehold_events_total's outcome: accepted, duplicate, or why it was refused (by the
+# answer's status: a bounded set, never an id or a message).
+EVENT_REJECTIONS = {
+    400: "invalid",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "rate_limited",
+    503: "unavailable",
+}
+EVENT_OUTCOMES = ("accepted", "duplicate", *EVENT_REJECTIONS.values(), "error")
 _LOCK_FILE = ".lock"  # not *.db: the collector globs those
 
 
@@ -94,6 +109,7 @@ class Metrics:
     jobs: Counter
     job_duration: Histogram
     proxy_requests: Counter
+    events: Counter
 
 
 _lock = threading.Lock()
@@ -212,6 +228,13 @@ def get() -> Metrics:
                     ["profile", "outcome"],
                     registry=None,
                 ),
+                events=Counter(
+                    "leasehold_events",
+                    "Events received, by type and outcome (accepted, duplicate, or the "
+                    "reason a rejected one was refused)",
+                    ["type", "outcome"],
+                    registry=None,
+                ),
             )
     return _metrics
 
@@ -228,6 +251,11 @@ def initialize_series() -> None:
         for outcome in JOB_OUTCOMES:
             m.jobs.labels(job, outcome).inc(0)
         m.job_duration.labels(job)
+    from app.ledger import EVENT_TYPES
+
+    for type_ in EVENT_TYPES:
+        for outcome in ("accepted", "duplicate"):
+            m.events.labels(type_, outcome).inc(0)
     for action in ("mint", "extend"):
         for decision in ("allow", "deny"):
             m.policy_decisions.labels(action, decision).inc(0)
@@ -332,7 +360,7 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         from app.db import session_scope
-        from app.models import Credential, CredState, Sweep, Task, TaskState
+        from app.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState, utcnow
         from app.overview import failing_clause
         from app.profiles import ProfileError, get_profiles
 
@@ -350,6 +378,14 @@ class LedgerCollector(Collector):
                 select(func.count())
                 .select_from(Credential)
                 .where(failing_clause(settings.revoke_alert_after))
+            ).one()
+            oldest = session.exec(
+                select(func.min(Credential.minted_at)).where(Credential.state == CredState.active)
+            ).one()
+            unexported = session.exec(
+                select(func.count())
+                .select_from(AuditEntry)
+                .where(col(AuditEntry.exported_seq).is_(None))
             ).one()
             # Ids are time-ordered: the newest finished sweep is found walking the key.
             last_sweep = session.exec(
@@ -377,6 +413,16 @@ class LedgerCollector(Collector):
             "leasehold_failing_revocations",
             "Revocations that failed at least LEASEHOLD_REVOKE_ALERT_AFTER times, or for good",
             value=failing,
+        )
+        yield GaugeMetricFamily(
+            "leasehold_oldest_active_credential_age_seconds",
+            "How long the oldest active credential has been minted (0: none active)",
+            value=max((utcnow() - oldest).total_seconds(), 0.0) if oldest else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "leasehold_audit_unexported_entries",
+            "Audit entries not yet written to LEASEHOLD_AUDIT_EXPORT",
+            value=unexported,
         )
         yield GaugeMetricFamily(
             "leasehold_last_sweep_timestamp_seconds",

@@ -8,7 +8,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -226,6 +235,8 @@ class AuditEntry(SQLModel, table=True):
         Index("ix_audit_credential", "credential_id"),
         # The dashboard's interceptions panel reads entries by action and time.
         Index("ix_audit_action_at", "action", "at"),
+        # The audit export: what is not yet written (NULL) and the chain's head.
+        Index("ix_audit_exported_seq", "exported_seq", unique=True),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -237,6 +248,10 @@ class AuditEntry(SQLModel, table=True):
     credential_id: str | None = Field(default=None, max_length=32)
     reason: str | None = Field(default=None, max_length=32)
     detail: str | None = Field(default=None, sa_column=Column(Text))
+    # Set once by the audit exporter (schedules/audit_export.py): the entry's line in the
+    # chain and that line's hash. NULL: not yet exported (retention keeps it).
+    exported_seq: int | None = Field(default=None, sa_column=Column(BigInteger))
+    export_hash: str | None = Field(default=None, max_length=64)
 
 
 class SweepCounts(SQLModel):

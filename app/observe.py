@@ -135,3 +135,20 @@ def job_ran(job: str, outcome: str, duration: float) -> None:
         m.job_duration.labels(job).observe(max(duration, 0.0))
     except OSError as exc:
         log.warning("metrics not recorded", extra={"error": str(exc)})
+
+
+def event_answered(type_: str | None, status: int) -> None:
+    """One POST /v1/events answered: accepted (202), a duplicate (200) or refused,
+    counted by the reason its status names. Unknown types count as `unknown`."""
+    from app.ledger import EVENT_TYPES
+
+    if status == 202:
+        outcome = "accepted"
+    elif status == 200:
+        outcome = "duplicate"
+    else:
+        outcome = metrics.EVENT_REJECTIONS.get(status, "error")
+    try:
+        metrics.get().events.labels(type_ if type_ in EVENT_TYPES else "unknown", outcome).inc()
+    except OSError as exc:
+        log.warning("metrics not recorded", extra={"error": str(exc)})

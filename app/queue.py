@@ -26,6 +26,7 @@ SWEEP_DEADLINES = "schedules.sweep.sweep_deadlines_task"
 RENEW_VAULT = "schedules.sweep.renew_vault_token_task"
 RECONCILE = "schedules.reconcile.reconcile_task"
 PURGE = "schedules.retention.purge_task"
+AUDIT_EXPORT = "schedules.audit_export.export_task"
 
 # Each job's queue. Revocations and the schedules never wait behind mints.
 QUEUES: dict[str, str] = {
@@ -37,6 +38,7 @@ QUEUES: dict[str, str] = {
     RENEW_VAULT: REVOKE_QUEUE,
     RECONCILE: REVOKE_QUEUE,
     PURGE: REVOKE_QUEUE,
+    AUDIT_EXPORT: REVOKE_QUEUE,
 }
 # The modules that declare the jobs, imported by the worker (strings: never by the API).
 JOB_MODULES = (
@@ -46,6 +48,7 @@ JOB_MODULES = (
     "schedules.sweep",
     "schedules.reconcile",
     "schedules.retention",
+    "schedules.audit_export",
 )
 
 

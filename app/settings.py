@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     proxy_max_request_bytes: int = Field(64 * 1024 * 1024, ge=0)
     proxy_max_response_bytes: int = Field(1024 * 1024 * 1024, ge=0)
     proxy_timeout: float = Field(30.0, gt=0)  # connect, each read and each write upstream
+    # The audit chain's file (PRODUCT.md, "Audit export"); "" means <home>/audit.jsonl, "-" stdout.
+    audit_export: str = ""
 
     @model_validator(mode="after")
     def _embedded_openbao(self) -> Settings:
@@ -163,6 +165,13 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def audit_export_path(self) -> Path | None:
+        """The audit chain's file; None when it goes to stdout (`-`)."""
+        if self.audit_export == "-":
+            return None
+        return Path(self.audit_export) if self.audit_export else self.home / "audit.jsonl"
 
     @property
     def broker_dir(self) -> Path:

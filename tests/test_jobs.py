@@ -53,7 +53,7 @@ def test_every_enqueued_and_scheduled_name_is_a_registered_job(
 
     schedules.beat.install_schedule()
     scheduled = queue.celery_app.conf.beat_schedule.values()
-    assert len(scheduled) == 4
+    assert len(scheduled) == 5  # deadlines, reconcile, retention, audit export, vault token
     for entry in scheduled:
         assert entry["task"] in registered, entry["task"]
         assert entry["options"]["queue"] == queue.QUEUES[entry["task"]]

@@ -33,6 +33,7 @@ COUNTERS = {
     "leasehold_orphans_revoked": set(),
     "leasehold_second_claims": {"issuer", "profile"},
     "leasehold_jobs": {"job", "outcome"},
+    "leasehold_events": {"type", "outcome"},
 }
 HISTOGRAMS = {
     "leasehold_mint_duration_seconds": {"issuer"},
@@ -44,6 +45,8 @@ GAUGES = {
     "leasehold_running_tasks": set(),
     "leasehold_failing_revocations": set(),
     "leasehold_last_sweep_timestamp_seconds": set(),
+    "leasehold_oldest_active_credential_age_seconds": set(),
+    "leasehold_audit_unexported_entries": set(),
 }
 ID_LIKE = re.compile(r"^[0-9a-f]{28}$")  # the ledger's ids
 

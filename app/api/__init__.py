@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     limits.install(app)
+    app.add_middleware(events.count_events)
     app.include_router(events.router)
     app.include_router(credentials.router)
     app.include_router(tasks.router)

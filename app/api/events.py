@@ -12,8 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import ledger, sealing
+from app import ledger, observe, sealing
 from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
 from app.api.limits import MAX_EVENT_BODY
@@ -240,6 +241,7 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     await check_event_rate(key.id)  # before the body is read: a flood costs little
     body = await request.body()
     event = parse_event(body, request.headers.get("content-type", ""))
+    request.state.event_type = event.type  # for leasehold_events_total (count_events)
     result, answer = await run_in_threadpool(_apply, key, event)
     # Enqueue only after the commit: a worker must find what it is told about.
     enqueue_revoke(result.to_revoke)
@@ -257,3 +259,29 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
         },
     )
     return ApiJSON(answer, status_code=200 if result.duplicate else 202)
+
+
+class count_events:
+    """Counts every POST /v1/events by type and outcome, refusals included (those of
+    the key check and the rate limit happen before the route runs)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/events" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        state = scope.setdefault("state", {})
+
+        async def answered(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answered)
+        finally:
+            observe.event_answered(state.get("event_type"), status)
