@@ -10,6 +10,7 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -673,3 +674,148 @@ def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
     )
     assert settings.secret_key is not None
     assert settings.secret_key.get_secret_value() == first["leasehold_secret_key"]
+
+
+def interpolate(value: object, seen: set[str]) -> object:
+    """compose.yaml as `docker compose` reads it with no variable set: `${VAR:-default}`
+    and `${VAR-default}` give the default, `${VAR}` and `$VAR` nothing, `$$` a `$`.
+    Every variable met is added to `seen`."""
+    pattern = re.compile(r"\$(?:\$|\{(\w+)(?::?-([^}]*))?\}|(\w+))")
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        seen.add(match.group(1) or match.group(3))
+        return match.group(2) or ""
+
+    if isinstance(value, str):
+        return pattern.sub(one, value)
+    if isinstance(value, list):
+        return [interpolate(v, seen) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v, seen) for k, v in value.items()}
+    return value
+
+
+def compose_errors(compose: dict) -> list[str]:
+    """What the Compose Specification's JSON schema finds wrong (the copy that
+    check-jsonschema ships: no download at test time)."""
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+def test_compose_follows_the_compose_specification() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())  # anchors merged
+    assert compose_errors(interpolate(compose, set())) == []
+    # The validation can fail: a misspelt key, a wrong type, an unknown condition.
+    broken = interpolate(compose, set())
+    broken["services"]["api"]["comand"] = broken["services"]["api"].pop("command")
+    broken["services"]["worker"]["expose"] = 9808
+    broken["services"]["migrate"]["depends_on"]["postgres"]["condition"] = "service_up"
+    errors = "\n".join(compose_errors(broken))
+    assert "'comand' was unexpected" in errors
+    assert "$.services.worker.expose" in errors
+    assert "$.services.migrate.depends_on" in errors
+    # The same check as a command, as a developer would run it.
+    cli = Path(sys.executable).with_name("check-jsonschema")
+    checked = subprocess.run(
+        [str(cli), "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_compose_runs_the_commands_and_settings_the_readme_documents() -> None:
+    """Every `leasehold` command in compose.yaml (and the image's default) parses as
+    the CLI would parse it and is in README's command table with its options; every
+    LEASEHOLD_* variable is a real, documented setting."""
+    import typer
+    import yaml
+
+    from app.cli import cli
+    from app.queue import MINT_QUEUE, REVOKE_QUEUE
+    from app.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Command line", 1)[1].split("\n\n", 2)[1]
+    group = typer.main.get_command(cli)  # typer's own click: groups have `commands`
+    assert "worker" in getattr(group, "commands", {})
+
+    def check_command(args: list[str], where: str) -> None:
+        assert args[0] == "leasehold", where
+        command: Any = group
+        path: list[str] = []
+        rest = list(args[1:])
+        while hasattr(command, "commands"):
+            assert rest and rest[0] in command.commands, f"{where}: no command {args}"
+            path.append(rest.pop(0))
+            command = command.commands[path[-1]]
+        # Parses and converts every option and value, as a run would; runs nothing.
+        with command.make_context(" ".join(path), rest) as ctx:
+            params = ctx.params
+        if path == ["worker"]:
+            assert set(params["queues"].split(",")) <= {MINT_QUEUE, REVOKE_QUEUE}, where
+        row = next((r for r in table.splitlines() if f"`leasehold {' '.join(path)}" in r), "")
+        assert row, f"{where}: leasehold {' '.join(path)} is not in README's command table"
+        for option in (a for a in rest if a.startswith("--")):
+            assert option in row, f"{where}: {option} is not documented"
+
+    text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    seen: set[str] = set()
+    services = interpolate(compose["services"], seen)
+    assert isinstance(services, dict)
+    runs = {
+        name: s["command"] for name, s in services.items() if s.get("image") == "leasehold:local"
+    }
+    assert "ENTRYPOINT" not in (ROOT / "Dockerfile").read_text()  # commands run as written
+    assert set(runs) == {"secrets", "migrate", "api", "worker", "worker-revoke", "beat"}
+    assert services["secrets"]["entrypoint"] == ["python", "-c"]  # the generator
+    for name in runs.keys() - {"secrets"}:
+        check_command(runs[name], name)
+    cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert cmd is not None
+    check_command(yaml.safe_load(cmd.group(1)), "Dockerfile CMD")
+    # The revocations get a worker of their own (README: "in production ...").
+    assert runs["worker-revoke"][-2:] == ["--queues", REVOKE_QUEUE]
+
+    settings_file = (ROOT / "app" / "settings.py").read_text()
+    settings = {f"LEASEHOLD_{name.upper()}" for name in Settings.model_fields}
+    settings |= set(re.findall(r'os\.environ\.get\("(LEASEHOLD_\w+)"\)', settings_file))
+    documented = {  # the first cell of README's settings table rows
+        name
+        for row in readme.splitlines()
+        if row.startswith("| `LEASEHOLD_")
+        for name in re.findall(r"LEASEHOLD_\w+", row.split(" | ")[0])
+    }
+    env_names = {n for s in compose["services"].values() for n in s.get("environment") or {}} | set(
+        compose["x-leasehold"]["environment"]
+    )
+    leasehold_env = {n for n in env_names if n.startswith("LEASEHOLD_")}
+    assert leasehold_env, "compose sets no LEASEHOLD_* variable?"
+    assert leasehold_env <= settings, leasehold_env - settings
+    assert leasehold_env <= documented, leasehold_env - documented
+    for n in env_names - leasehold_env:
+        assert n.startswith(("POSTGRES_", "BAO_")), n  # the images' own
+    # Variables from the host: a setting passed through, or a host path README names.
+    for n in seen:
+        assert n.startswith("LEASEHOLD_"), n
+        if n not in settings:
+            assert n.endswith("_HOST") and f"`{n}`" in readme, f"{n}: undocumented"
+    # The generated secret files are named like real settings (LEASEHOLD_SECRETS_DIR).
+    script = services["secrets"]["command"][0]
+    for file in re.findall(r'ensure\("(leasehold_\w+)"', script):
+        assert file.upper() in settings, file

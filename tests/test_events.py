@@ -11,7 +11,16 @@ from sqlmodel import func, select
 from app.db import session_scope
 from app.models import Credential, Event, Task
 from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, event, started, states, task_path, unique
+from tests.helpers import (
+    auth,
+    claim_url,
+    credentials_of,
+    event,
+    started,
+    states,
+    task_path,
+    unique,
+)
 
 
 def post(client: Any, key: str, body: Any, **kw: Any) -> Any:
@@ -327,3 +336,198 @@ def test_jwt_only_profile_refuses_the_claim_token(app_client: Any, keys: dict[st
     refused = app_client.post(claim_url(name, "kv"), headers=auth(token))
     assert refused.status_code == 403 and "JWT" in refused.json()["error"]
     post(app_client, keys["emitter"], event("succeeded", name))
+
+
+# --- CloudEvents as senders send them (HTTP binding: binary and structured mode) ------
+
+
+def ce_event(type_: str, subject: str, data: dict[str, Any] | None = None, **attrs: Any) -> Any:
+    """An event as the `cloudevents` SDK builds it (its 2.x core API)."""
+    from cloudevents.core.v1.event import CloudEvent as SdkEvent
+
+    attributes = {"type": f"task.{type_}", "source": "pytest://sdk", "subject": subject, **attrs}
+    if data is not None:
+        attributes["datacontenttype"] = "application/json"
+    return SdkEvent(attributes, data)
+
+
+def send(client: Any, key: str, message: Any) -> Any:
+    return client.post("/v1/events", content=message.body, headers={**auth(key), **message.headers})
+
+
+def test_binary_and_structured_mode_from_the_sdk_are_one_event(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+
+    # Non-ASCII, a space, a quote and a percent sign: the SDK percent-encodes them in
+    # binary mode; the task's name is the decoded subject.
+    name = unique('ce "é 100%"')
+    data = {"max_duration": 60, "grants": [{"name": "kv", "profile": "kv-reader"}]}
+    start = ce_event("started", name, data)
+    binary = to_binary_event(start)
+    assert "ce-subject" in binary.headers and "%C3%A9%20100%25" in binary.headers["ce-subject"]
+    first = send(app_client, keys["emitter"], binary)
+    assert first.status_code == 202, first.text
+    token = first.json()["claim_token"]
+    wait_until(lambda: states("t1", name) == {"kv": "active"})
+    # The same event in structured mode: the first answer again, nothing more minted.
+    again = send(app_client, keys["emitter"], to_structured_event(start))
+    assert again.status_code == 200, again.text
+    assert again.json()["duplicate"] is True and again.json()["claim_token"] == token
+    assert len(credentials_of("t1", name)) == 1
+    # The same key with other data is another event, in either mode.
+    other = ce_event("started", name, {**data, "max_duration": 30}, id=start.get_id())
+    assert send(app_client, keys["emitter"], to_binary_event(other)).status_code == 409
+    # The other way round: structured first, then binary (no data: no body, no type).
+    beat = ce_event("heartbeat", name)
+    assert send(app_client, keys["emitter"], to_structured_event(beat)).status_code == 202
+    beat_again = to_binary_event(beat)
+    assert beat_again.body == b"" and "content-type" not in beat_again.headers
+    assert send(app_client, keys["emitter"], beat_again).json()["duplicate"] is True
+    end = send(app_client, keys["emitter"], to_binary_event(ce_event("succeeded", name)))
+    assert end.status_code == 202 and end.json()["task"]["state"] == "succeeded"
+    wait_until(lambda: states("t1", name) == {"kv": "revoked"})
+
+
+def test_binary_mode_from_the_sdks_v1_api(app_client: Any, keys: dict[str, str]) -> None:
+    """The SDK's 1.x API (`cloudevents.v1.http`, once `cloudevents.http`) sends binary
+    mode without a Content-Type for JSON data, and ce-time as +00:00."""
+    from cloudevents.v1.conversion import to_binary, to_structured
+    from cloudevents.v1.http import CloudEvent as V1Event
+
+    name = unique("ce-v1")
+    start = V1Event(
+        {"type": "task.started", "source": "pytest://sdk-v1", "subject": name},
+        {"max_duration": 60, "grants": [{"name": "kv", "profile": "kv-reader"}]},
+    )
+    headers, body = to_binary(start)
+    assert "content-type" not in {h.lower() for h in headers}
+    first = app_client.post(
+        "/v1/events", content=body, headers={**auth(keys["emitter"]), **headers}
+    )
+    assert first.status_code == 202, first.text
+    headers, body = to_structured(start)
+    again = app_client.post(
+        "/v1/events", content=body, headers={**auth(keys["emitter"]), **headers}
+    )
+    assert again.status_code == 200 and again.json()["claim_token"] == first.json()["claim_token"]
+    post(app_client, keys["emitter"], event("cancelled", name))
+
+
+def test_batch_mode_and_bad_binary_events_are_refused(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    from cloudevents.core.bindings.http import to_binary_event, to_structured_event
+
+    before = counts()
+    start = ce_event(
+        "started",
+        unique("ce-bad"),
+        {"max_duration": 60, "grants": [{"name": "kv", "profile": "kv-reader"}]},
+    )
+    one = to_structured_event(start)
+    batch = app_client.post(
+        "/v1/events",
+        content=b"[" + one.body + b"]",
+        headers={**auth(keys["emitter"]), "Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert batch.status_code == 415 and "batch mode" in batch.json()["error"]
+    good = to_binary_event(start)
+    cases: list[tuple[dict[str, str], bytes, int, str]] = [
+        ({**good.headers, "content-type": "text/plain"}, good.body, 415, "must be JSON"),
+        (
+            {k: v for k, v in good.headers.items() if k != "ce-subject"},
+            good.body,
+            400,
+            "ce-subject",
+        ),
+        ({**good.headers, "ce-subject": "a%FFb"}, good.body, 400, "percent-encoded UTF-8"),
+        ({**good.headers, "ce-subject": "a%00b"}, good.body, 400, "NUL"),
+        ({**good.headers, "ce-specversion": "0.3"}, good.body, 400, "ce-specversion"),
+        ({**good.headers, "ce-type": "task.exploded"}, good.body, 400, "ce-type"),
+        (good.headers, b"[1]", 400, "JSON object"),
+        (good.headers, b"{", 400, "not valid JSON"),
+    ]
+    for headers, body, status, word in cases:
+        answer = app_client.post(
+            "/v1/events", content=body, headers={**auth(keys["emitter"]), **headers}
+        )
+        assert answer.status_code == status, (headers, answer.text)
+        assert word in answer.json()["error"], (word, answer.text)
+    # A header sent twice is ambiguous.
+    twice = app_client.post(
+        "/v1/events",
+        content=good.body,
+        headers=[*auth(keys["emitter"]).items(), *good.headers.items(), ("ce-id", "other")],
+    )
+    assert twice.status_code == 400 and "ce-id appears more than once" in twice.json()["error"]
+    assert counts() == before
+
+
+# --- errors machines can read: RFC 9457 problem details -------------------------------
+
+
+def assert_problem(answer: Any, status: int, word: str) -> dict[str, Any]:
+    from http import HTTPStatus
+
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json", answer.headers
+    body = answer.json()
+    assert body["type"] == "about:blank"
+    assert body["title"] == HTTPStatus(status).phrase
+    assert body["status"] == status
+    assert body["detail"] == body["error"] and word in body["detail"], body
+    return body
+
+
+def test_every_kind_of_error_is_a_problem_document(app_client: Any, keys: dict[str, str]) -> None:
+    emitter = auth(keys["emitter"])
+    # The door (the limits middleware, before any route): NUL, declared length.
+    assert_problem(app_client.get("/v1/tasks/a%00b", headers=emitter), 400, "NUL")
+    big = app_client.post("/v1/events", content=b"x" * 70_000, headers=emitter)
+    assert_problem(big, 413, "64 KiB")
+    # Starlette's: no such path, wrong method; FastAPI's: bad parameters.
+    assert_problem(app_client.get("/v1/nowhere", headers=emitter), 404, "Not Found")
+    assert_problem(app_client.delete("/v1/events", headers=emitter), 405, "Method Not Allowed")
+    bad_query = app_client.get("/v1/tasks", params={"state": "runing"}, headers=emitter)
+    assert_problem(bad_query, 422, "query.state")
+    # ApiError: no key, a bad event, a wrong Content-Type; LedgerError: a conflict.
+    assert_problem(app_client.post("/v1/events", json={}), 401, "")
+    assert_problem(post(app_client, keys["emitter"], {"specversion": "1.0"}), 400, "id")
+    name = unique("problems")
+    body = started(name, {"kv": "kv-reader"})
+    token = post(app_client, keys["emitter"], body).json()["claim_token"]
+    changed = dict(body, data={**body["data"], "max_duration": 30})
+    assert_problem(post(app_client, keys["emitter"], changed), 409, "")
+    # The claim's own answers keep their extension member.
+    post(app_client, keys["emitter"], event("succeeded", name))
+    ended = app_client.post(claim_url(name, "kv"), headers=auth(token))
+    assert assert_problem(ended, 410, "ended")["state"] == "succeeded"
+    # A 5xx nobody planned for: a problem too, without the exception's text.
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+
+    app = create_app()
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("internal text no client should see")
+
+    crash = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert "internal text" not in assert_problem(crash, 500, "internal error")["detail"]
+
+
+def test_a_problem_never_loses_its_own_members() -> None:
+    from app.api.errors import problem_body
+    from app.api.schemas import ApiJSON
+
+    assert problem_body(409, "x", state="pending")["state"] == "pending"
+    with pytest.raises(ValueError, match="type"):
+        problem_body(409, "x", type="https://example.org/other")
+    # ApiJSON turns the legacy {"error": ...} of an error status into a problem.
+    answer = ApiJSON({"error": "gone", "state": "claimed"}, status_code=410)
+    assert answer.media_type == "application/problem+json"
+    assert b'"status":410' in answer.body and b'"state":"claimed"' in answer.body
+    assert ApiJSON({"error": "a field, not a failure"}).media_type == "application/json"

@@ -15,6 +15,7 @@ from openapi_spec_validator import validate
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -39,15 +40,19 @@ def test_the_document_is_valid_openapi(app_client: Any) -> None:
         "scheme": "bearer",
         "description": "a Leasehold API key (lhk_...)",
     }
-    # Every 4xx is the real error shape, never FastAPI's default validation body.
+    # Every 4xx/5xx is the real error shape, an RFC 9457 problem, never FastAPI's
+    # default validation body.
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             for status, answer in op["responses"].items():
-                if status.startswith("4"):
-                    ref = answer["content"]["application/json"]["schema"]["$ref"]
+                if status[0] in "45":
+                    assert list(answer["content"]) == ["application/problem+json"], status
+                    ref = answer["content"]["application/problem+json"]["schema"]["$ref"]
                     assert ref == "#/components/schemas/ErrorOut", (method, path, status)
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    assert doc["components"]["schemas"]["ErrorOut"]["required"] == ["error"]
+    error_out = doc["components"]["schemas"]["ErrorOut"]
+    assert error_out["required"] == ["type", "title", "status", "detail", "error"]
+    assert error_out["properties"]["type"]["const"] == "about:blank"
     # The event body: a structured-mode CloudEvent, with task.started's data.
     events = doc["paths"]["/v1/events"]["post"]
     body = events["requestBody"]["content"]["application/cloudevents+json"]["schema"]
@@ -146,7 +151,12 @@ def test_schemathesis_finds_no_error_and_no_undocumented_answer(
     app_client: Any, fuzz_keys: dict[str, str]
 ) -> None:
     schema = schemathesis.openapi.from_dict(app_client.get("/openapi.json").json())
-    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,  # errors: application/problem+json
+        response_schema_conformance,
+    ]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     failures: list[str] = []

@@ -14,7 +14,13 @@ from app import __version__, notify, startup
 from app import policy as cedar_policy
 from app.api import audit, credentials, dashboard, errors, events, limits, metrics, sweeps, tasks
 from app.api import policy as policy_api
-from app.api.schemas import COMMON_ERRORS, ApiJSON, Health, event_components
+from app.api.schemas import (
+    COMMON_ERRORS,
+    ApiJSON,
+    Health,
+    event_components,
+    problem_media_types,
+)
 from app.db import session_scope
 from app.errors_reporting import init_sentry
 from app.logs import configure_logging
@@ -69,7 +75,8 @@ def create_app() -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         # FastAPI's document, plus the CloudEvent body schema that the event routes
-        # reference (they read the raw body, so FastAPI does not see the model).
+        # reference (they read the raw body, so FastAPI does not see the model), with
+        # errors under their media type.
         if app.openapi_schema is None:
             doc = get_openapi(
                 title=app.title,
@@ -78,6 +85,7 @@ def create_app() -> FastAPI:
                 routes=app.routes,
             )
             doc.setdefault("components", {}).setdefault("schemas", {}).update(event_components())
+            problem_media_types(doc)  # errors answer application/problem+json
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -1,7 +1,18 @@
-"""Every error answers JSON that names the problem."""
+"""Every error answers an RFC 9457 problem document that names the problem.
+
+`application/problem+json` with `type`, `title`, `status` and `detail`, plus the
+`error` member (the same text as `detail`) that existing clients read, and any
+extension members of the problem (e.g. `state`). `type` is always `about:blank`:
+the status code is the kind of problem and `title` its HTTP phrase (as RFC 9457
+asks of `about:blank`); `detail` says what exactly was wrong.
+
+`problem_body` is the one place the shape is made: the handlers below, the
+limits middleware and ApiJSON (an error status with an `error` member) use it.
+"""
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +26,11 @@ from starlette.exceptions import HTTPException
 from app.ledger import LedgerError
 from app.logs import log
 
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE = "about:blank"
+# The members every problem carries; an extension member never replaces one.
+PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "error"})
+
 
 class ApiError(Exception):
     def __init__(
@@ -24,8 +40,41 @@ class ApiError(Exception):
         self.status, self.message, self.headers, self.extra = status, message, headers, extra
 
 
+def title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    """The problem document for `status`; `extra` are its extension members."""
+    clash = PROBLEM_MEMBERS.intersection(extra)
+    if clash:
+        raise ValueError(f"extension members may not replace {sorted(clash)}")
+    return {
+        "type": PROBLEM_TYPE,
+        "title": title(status),
+        "status": status,
+        "detail": message,
+        "error": message,
+        **extra,
+    }
+
+
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
+    """The legacy shape: ApiJSON (or `problem`) turns it into a problem document."""
     return {"error": message, **extra}
+
+
+class ProblemJSON(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+def problem(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return ProblemJSON(problem_body(status, message, **extra), status, headers)
 
 
 def describe_validation(exc: ValidationError | RequestValidationError, prefix: str = "") -> str:
@@ -39,27 +88,32 @@ def describe_validation(exc: ValidationError | RequestValidationError, prefix: s
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, **exc.extra), exc.status, exc.headers)
+        return problem(exc.status, exc.message, exc.headers, **exc.extra)
 
     @app.exception_handler(LedgerError)
     async def _ledger(_: Request, exc: LedgerError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, **exc.extra), exc.status)
+        return problem(exc.status, exc.message, **exc.extra)
 
     # Starlette's, not only FastAPI's subclass: unknown paths, wrong methods and a body
-    # FastAPI cannot parse answer {"error": ...} too.
+    # FastAPI cannot parse answer a problem too.
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail)), exc.status_code, exc.headers)
+        return problem(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(describe_validation(exc)), 422)
+        return problem(422, describe_validation(exc))
 
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("ledger unavailable", extra={"error": type(exc).__name__})
-        return JSONResponse(
-            error_body("the ledger is unavailable; try again"), 503, {"Retry-After": "1"}
-        )
+        return problem(503, "the ledger is unavailable; try again", {"Retry-After": "1"})
 
     for kind in (OperationalError, PoolTimeout):
         app.add_exception_handler(kind, _unavailable)
+
+    # Anything else: Starlette's outermost middleware answers this and re-raises, so
+    # Sentry and the log still see the exception; the client sees no internals.
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return problem(500, "internal error")
+
+    app.add_exception_handler(Exception, _unexpected)

@@ -6,12 +6,14 @@ import hashlib
 import json
 import math
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import ledger, observe, sealing
@@ -41,6 +43,8 @@ router = APIRouter()
 MAX_BODY = MAX_EVENT_BODY
 MAX_DEPTH = 32  # levels of JSON nesting an event may use; data is a small document
 CONTENT_TYPES = ("application/json", "application/cloudevents+json")
+BATCH_TYPE = "application/cloudevents-batch"
+CE_PREFIX = "ce-"
 
 
 def _no_constant(name: str) -> Any:
@@ -99,25 +103,92 @@ def event_identity(type_: str, subject: str, data: dict[str, Any] | None) -> str
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_event(body: bytes, content_type: str) -> EventIn:
-    """Refuse bad input with a 4xx that names the problem; nothing is stored."""
-    if content_type.split(";")[0].strip().lower() not in CONTENT_TYPES:
-        raise ApiError(415, "Content-Type must be application/json or application/cloudevents+json")
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"event body is over {MAX_BODY // 1024} KiB")
+def media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
+
+
+def _header_text(name: str, values: list[str]) -> str:
+    """One ce-* header, percent-decoded as the CloudEvents HTTP binding asks (3.1.3.2)."""
+    if len(values) > 1:
+        raise ApiError(400, f"header {name} appears more than once")
     try:
-        raw = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+        # Starlette hands header bytes over as latin-1: undo that, then decode UTF-8.
+        return unquote_to_bytes(values[0].encode("latin-1")).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise ApiError(400, f"header {name} is not percent-encoded UTF-8") from None
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise ApiError(400, f"body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "body is not valid JSON") from None
+
+
+def _binary_event(body: bytes, media: str, headers: Headers) -> dict[str, Any]:
+    """A binary-mode event (ce-* headers, data as the body) as its structured form."""
+    raw: dict[str, Any] = {}
+    for name in {key for key in headers if key.startswith(CE_PREFIX)}:
+        attribute = name.removeprefix(CE_PREFIX)
+        if attribute in ("data", "data_base64", "datacontenttype"):
+            raise ApiError(400, f"{name} is not a CloudEvents header")
+        raw[attribute] = _header_text(name, headers.getlist(name))
+    if body:
+        # Without a Content-Type, the body is taken as JSON: senders that leave
+        # datacontenttype out (data is JSON by default) send none.
+        if media and not _is_json(media):
+            raise ApiError(415, "binary-mode data must be JSON (Content-Type application/json)")
+        data = _load_json(body)
+        if not isinstance(data, dict):
+            raise ApiError(400, "data must be a JSON object")
+        raw["data"] = data
+        if media:
+            raw["datacontenttype"] = media
+    return raw
+
+
+def parse_event(body: bytes, content_type: str, headers: Headers | None = None) -> EventIn:
+    """Refuse bad input with a 4xx that names the problem; nothing is stored.
+
+    Structured mode (application/cloudevents+json, or application/json without
+    ce-specversion) or binary mode (ce-* headers, data as the body), as the
+    CloudEvents HTTP binding has a receiver tell them apart; batch mode is refused.
+    """
+    media = media_type(content_type)
+    if media.startswith(BATCH_TYPE):
+        raise ApiError(415, "batch mode is not accepted: send each event in a request of its own")
+    if len(body) > MAX_BODY:
+        raise ApiError(413, f"event body is over {MAX_BODY // 1024} KiB")
+    binary = (
+        headers is not None
+        and "ce-specversion" in headers
+        and not media.startswith("application/cloudevents")
+    )
+    if binary:
+        assert headers is not None
+        raw: Any = _binary_event(body, media, headers)
+    elif media not in CONTENT_TYPES:
+        raise ApiError(
+            415,
+            "Content-Type must be application/json or application/cloudevents+json "
+            "(structured mode), or the event sent in ce-* headers (binary mode)",
+        )
+    else:
+        raw = _load_json(body)
     if not isinstance(raw, dict):
         raise ApiError(400, "body must be a JSON object (a CloudEvent)")
     check_shape(raw)
     try:
         event = CloudEvent.model_validate(raw)
     except ValidationError as exc:
-        raise ApiError(400, describe_validation(exc)) from None
+        # In binary mode an attribute is a header: name the header.
+        raise ApiError(400, describe_validation(exc, CE_PREFIX if binary else "")) from None
     try:
         if event.type == "task.started":
             if event.data is None:
@@ -240,7 +311,7 @@ def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) 
 async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     await check_event_rate(key.id)  # before the body is read: a flood costs little
     body = await request.body()
-    event = parse_event(body, request.headers.get("content-type", ""))
+    event = parse_event(body, request.headers.get("content-type", ""), request.headers)
     request.state.event_type = event.type  # for leasehold_events_total (count_events)
     result, answer = await run_in_threadpool(_apply, key, event)
     # Enqueue only after the commit: a worker must find what it is told about.

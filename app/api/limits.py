@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import PROBLEM_JSON, problem, problem_body
+
 MAX_EVENT_BODY = 64 * 1024  # PRODUCT.md: an event body is at most 64 KiB
 MAX_FORM_BODY = 4 * 1024  # the dashboard's forms carry a key or a CSRF token, nothing more
 
@@ -35,11 +37,7 @@ class BodyTooLarge(Exception):
 
 def too_large(limit: int) -> JSONResponse:
     # Connection: close makes the server drop the connection and the rest of the upload.
-    return JSONResponse(
-        {"error": f"request body is over {limit // 1024} KiB"},
-        413,
-        {"Connection": "close"},
-    )
+    return problem(413, str(BodyTooLarge(limit)), {"Connection": "close"})
 
 
 def nul_problem(scope: Scope) -> str | None:
@@ -57,8 +55,11 @@ def nul_problem(scope: Scope) -> str | None:
 
 
 async def _answer(send: Send, status: int, message: str, *, close: bool = False) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    body = json.dumps(problem_body(status, message)).encode()
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -101,7 +101,9 @@ async def policy_check(
     ] = None,
 ) -> ApiJSON:
     """Decide each grant of a `task.started` event as a start would; nothing is stored."""
-    event = parse_event(await request.body(), request.headers.get("content-type", ""))
+    event = parse_event(
+        await request.body(), request.headers.get("content-type", ""), request.headers
+    )
     if event.type != "task.started":
         raise ApiError(422, "the dry run takes a task.started event")
     scope = tenant_scope(key, tenant)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from app.api.errors import PROBLEM_JSON, PROBLEM_MEMBERS, problem_body
 from app.ledger import EVENT_TYPES
 from app.models import Credential, CredState, Task, TaskState
 from app.profiles import NAME_PATTERN
@@ -27,7 +28,17 @@ def _default(value: Any) -> Any:
 
 
 class ApiJSON(JSONResponse):
-    """JSON with RFC 3339 UTC times ending in Z."""
+    """JSON with RFC 3339 UTC times ending in Z. An error status with an `error`
+    member answers the problem document (app.api.errors) of that status."""
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: Any = None, **kwargs: Any
+    ) -> None:
+        if status_code >= 400 and isinstance(content, dict) and "error" in content:
+            extra = {k: v for k, v in content.items() if k not in PROBLEM_MEMBERS}
+            content = problem_body(status_code, content["error"], **extra)
+            self.media_type = PROBLEM_JSON
+        super().__init__(content, status_code, headers, **kwargs)
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, default=_default, separators=(",", ":")).encode()
@@ -125,11 +136,18 @@ def task_view(task: Task, parent_name: str | None = None) -> dict[str, Any]:
 
 
 class ErrorOut(BaseModel):
-    """Every refusal: `error` names the problem; some carry more (e.g. `state`)."""
+    """Every refusal, an RFC 9457 problem: `detail` (and `error`, the same text)
+    names the problem; some carry more members (e.g. `state`)."""
 
     model_config = ConfigDict(extra="allow")
 
-    error: str
+    type: Literal["about:blank"] = Field(
+        description="always about:blank: the status is the kind of problem"
+    )
+    title: str = Field(description="the HTTP status phrase")
+    status: int = Field(description="the HTTP status code")
+    detail: str = Field(description="what exactly was wrong")
+    error: str = Field(description="the same text as detail (read by earlier clients)")
 
 
 ERROR_TEXT = {
@@ -148,8 +166,20 @@ ERROR_TEXT = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries for these error statuses, all in the shape of ErrorOut."""
+    """`responses=` entries for these error statuses, all in the shape of ErrorOut
+    (served as application/problem+json: see `problem_media_types`)."""
     return {code: {"model": ErrorOut, "description": ERROR_TEXT[code]} for code in codes}
+
+
+def problem_media_types(doc: dict[str, Any]) -> None:
+    """FastAPI files every answer's schema under the route's media type; an error
+    answers application/problem+json, so its schema moves there."""
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            for status, answer in op.get("responses", {}).items():
+                content = answer.get("content", {})
+                if status[:1] in ("4", "5") and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
 
 
 # Any request may meet these: the door (app.api.limits) and a ledger outage.
@@ -240,11 +270,15 @@ class CloudEventDoc(CloudEvent):
 
 
 def event_body() -> dict[str, Any]:
-    """`openapi_extra` for routes that take a CloudEvent in structured mode."""
+    """`openapi_extra` for routes that take a CloudEvent (structured mode described)."""
     ref = {"$ref": "#/components/schemas/CloudEvent"}
     return {
         "requestBody": {
             "required": True,
+            "description": "A CloudEvent in structured mode, or in binary mode: the "
+            "attributes in percent-encoded ce-* headers (ce-specversion, ce-id, ce-source, "
+            "ce-type, ce-subject, optional ce-time) and data as the JSON body. Batch mode "
+            "(application/cloudevents-batch+json) answers 415.",
             "content": {
                 "application/cloudevents+json": {"schema": ref},
                 "application/json": {"schema": ref},
