@@ -9,16 +9,17 @@ and its credential is revoked as `failed`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from airflow.sdk import dag, task
 
-from leasehold_client.airflow import current_credentials
+from leasehold_client.airflow import credentials, current_credentials
 
 LEASEHOLD = {"grants": {"db": "reports-readonly"}, "max_duration": 600}
 
 
-def count_reports() -> int:
-    dsn = current_credentials()["db"]["dsn"]  # claimed here, kept in memory only
+def count_reports(dsn: str) -> int:
     with psycopg.connect(dsn, connect_timeout=5) as conn:
         row = conn.execute("SELECT count(*) FROM reports").fetchone()
     return int(row[0]) if row else 0
@@ -28,13 +29,14 @@ def count_reports() -> int:
 def leasehold_report() -> None:
     @task(params={"leasehold": LEASEHOLD})
     def report() -> int:
-        n = count_reports()
+        n = count_reports(current_credentials()["db"]["dsn"])  # claimed here, kept in memory
         print(f"report read {n} reports")
         return n  # the count goes to XCom, never the credential
 
     @task(params={"leasehold": LEASEHOLD}, retries=0)
-    def broken() -> None:
-        print(f"broken read {count_reports()} reports")
+    def broken(**context: Any) -> None:
+        # The same, through the task's context.
+        print(f"broken read {count_reports(credentials(context)['db']['dsn'])} reports")
         raise RuntimeError("the report is broken")
 
     report()
