@@ -26,12 +26,12 @@ import contextvars
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, Task, signals
 
-from ._base import LeaseholdError
+from ._attempt import Attempt, Credentials
 from .client import Client
 
 __all__ = ["current_credentials", "install", "leasehold_task_id"]
@@ -44,63 +44,7 @@ def leasehold_task_id(app_main: str, task_name: str, celery_id: str, retries: in
     return f"{app_main}/{task_name}/{celery_id}/try-{int(retries or 0) + 1}"
 
 
-class _Attempt:
-    """One execution of a leasehold task: its claim token and the secrets claimed so far."""
-
-    def __init__(self, client: Client, task_id: str, grants: dict[str, str]) -> None:
-        self.client, self.task_id, self.grants = client, task_id, grants
-        self.claim_token: str | None = None
-        self.error: Exception | None = None
-        self.secrets: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
-
-    def secret(self, grant: str) -> dict[str, Any]:
-        with self.lock:
-            if grant in self.secrets:
-                return self.secrets[grant]
-            if grant not in self.grants:
-                raise KeyError(f"the task declares no grant {grant!r}")
-            if self.error is not None:
-                raise LeaseholdError(
-                    getattr(self.error, "status", 0) or 503,
-                    f"Leasehold did not start this task: {self.error}",
-                ) from None
-            if self.claim_token is None:
-                raise LeaseholdError(410, "the task has ended; nothing to claim")
-            try:
-                secret = self.client.claim_secret(self.task_id, grant, self.claim_token)
-            except LeaseholdError as exc:
-                if exc.status != 410 or exc.state != "claimed":
-                    raise
-                # A redelivered message (acks_late, the worker died): this attempt
-                # claimed it before. Rotation revokes that copy and mints a fresh one.
-                log.warning("leasehold: %r was claimed before; rotating", grant)
-                self.claim_token = self.client.rotate(self.task_id, grant)
-                secret = self.client.claim_secret(self.task_id, grant, self.claim_token)
-            self.secrets[grant] = secret
-            return secret
-
-
-class _Credentials(Mapping[str, dict[str, Any]]):
-    """The running attempt's secrets by grant name, each claimed on first access."""
-
-    def __init__(self, attempt: _Attempt) -> None:
-        self._attempt = attempt
-
-    def __getitem__(self, grant: str) -> dict[str, Any]:
-        return self._attempt.secret(grant)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._attempt.grants)
-
-    def __len__(self) -> int:
-        return len(self._attempt.grants)
-
-    def __repr__(self) -> str:  # never the secrets
-        return f"<leasehold credentials {sorted(self._attempt.grants)}>"
-
-
-_current: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "leasehold_attempt", default=None
 )
 
@@ -112,7 +56,7 @@ def current_credentials() -> Mapping[str, dict[str, Any]]:
     attempt = _current.get()
     if attempt is None:
         raise LookupError("not inside a Celery task declared with leasehold=...")
-    return _Credentials(attempt)
+    return Credentials(attempt)
 
 
 def _options(task: Any) -> dict[str, Any] | None:
@@ -149,7 +93,7 @@ class _Integration:
         name = leasehold_task_id(
             self.app.main or "celery", sender.name, task_id, sender.request.retries
         )
-        attempt = _Attempt(self.client(), name, grants)
+        attempt = Attempt(self.client(), name, grants)
         _current.set(attempt)
         try:
             answer = attempt.client.started(
