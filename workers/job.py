@@ -113,8 +113,7 @@ def job(
         # against `run`'s own signature.
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             setattr(run, attr, getattr(body, attr))
-        return celery_app.task(
-            name=name, bind=True, max_retries=max_retries, ignore_result=True
-        )(run)
+        task = celery_app.task(name=name, bind=True, max_retries=max_retries, ignore_result=True)
+        return task(run)
 
     return decorate
