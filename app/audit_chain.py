@@ -25,7 +25,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def iso(value: Any) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+    return str(value.isoformat()).replace("+00:00", "Z")
 
 
 def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:

@@ -175,14 +175,14 @@ def keys_create(
 def keys_list() -> None:
     """The keys, without their secrets."""
     settings()
-    from sqlmodel import select
+    from sqlmodel import col, select
 
     from app.db import session_scope
     from app.models import ApiKey
     from app.scope import describe as describe_scope
 
     with session_scope() as session:
-        rows = session.exec(select(ApiKey).order_by(ApiKey.created_at)).all()
+        rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
         echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} {'STATUS':8} SCOPE")
         for k in rows:
             status = "retired" if k.revoked_at else "active"

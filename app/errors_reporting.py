@@ -16,6 +16,7 @@ from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.fastapi import FastApiIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
+from sentry_sdk.types import Breadcrumb, BreadcrumbHint, Event, Hint
 
 from app import __version__
 from app.redact import SECRET_KEY_PARTS, scrub
@@ -25,13 +26,15 @@ logger = logging.getLogger("leasehold")
 _active_dsn: str | None = None
 
 
-def scrub_event(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+def scrub_event(event: Event, hint: Hint | None = None) -> Event:
     """before_send: the event with every secret-looking key and value replaced."""
-    return scrub(event)
+    scrubbed: Event = scrub(event)
+    return scrubbed
 
 
-def scrub_breadcrumb(crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
-    return scrub(crumb)
+def scrub_breadcrumb(crumb: Breadcrumb, hint: BreadcrumbHint | None = None) -> Breadcrumb:
+    scrubbed: Breadcrumb = scrub(crumb)
+    return scrubbed
 
 
 def init_sentry(settings: Settings, *, component: str) -> bool:
@@ -52,8 +55,8 @@ def init_sentry(settings: Settings, *, component: str) -> bool:
         include_local_variables=False,
         max_request_body_size="never",
         traces_sample_rate=None,
-        before_send=scrub_event,  # type: ignore[arg-type]
-        before_breadcrumb=scrub_breadcrumb,  # type: ignore[arg-type]
+        before_send=scrub_event,
+        before_breadcrumb=scrub_breadcrumb,
         event_scrubber=EventScrubber(
             denylist=[*DEFAULT_DENYLIST, *SECRET_KEY_PARTS], recursive=True
         ),

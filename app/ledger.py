@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy import delete, exists, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
@@ -469,7 +470,7 @@ def _heartbeat(
         return result  # a deadline only moves forward
     refuse_unapproved_extension(session, task)
     _authorize_extend(session, key, task, int(max_duration), now)
-    moved = session.execute(
+    moved = session.exec(
         update(Task)
         .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
         .values(deadline=deadline)
@@ -483,7 +484,7 @@ def _heartbeat(
                 col(Credential.state).in_(LIVE_CRED_STATES),
             )
             .values(expires_at=deadline, updated_at=now)
-            .returning(Credential.id, Credential.state)
+            .returning(col(Credential.id), col(Credential.state))
         ).all()
         result.to_extend = [i for i, state in ids if state == CredState.active]
         audit(
@@ -558,7 +559,7 @@ def end_task(
     now: datetime,
 ) -> list[str]:
     """Running -> ended (CAS); its credentials and its children's go to revoking."""
-    ended = session.execute(
+    ended = session.exec(
         update(Task)
         .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
         .values(state=state, ended_at=now)
@@ -613,7 +614,7 @@ def request_revoke(
             sealed_secret=None,
             next_attempt_at=now + REVOKE_REDRIVE,
             updated_at=now,
-        ).returning(Credential.id, Credential.tenant, Credential.task_id)
+        ).returning(col(Credential.id), col(Credential.tenant), col(Credential.task_id))
     ).all()
     for cred_id, tenant, task_pk in rows:
         audit(
@@ -677,7 +678,7 @@ def _decide(
     if to == CredState.pending:
         # A lost mint message is found again from the ledger, as for any pending row.
         values.update(approved_at=now, next_attempt_at=now + MINT_REDRIVE)
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(
             col(Credential.id) == cred_id,
@@ -761,7 +762,7 @@ def begin_mint(session: Session, cred_id: str, *, token: str, now: datetime) -> 
             index_elements=[MintLease.credential_id],
             set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
             where=(col(MintLease.until) <= now) | (col(MintLease.token) == token),
-        ).returning(MintLease.token)
+        ).returning(col(MintLease.token))
     ).first()
     if taken is None:
         return False
@@ -816,7 +817,7 @@ def activate(
             next_attempt_at=None,
             updated_at=now,
         )
-        .returning(Credential.tenant, Credential.task_id)
+        .returning(col(Credential.tenant), col(Credential.task_id))
     ).first()
     if done:
         audit(
@@ -844,14 +845,16 @@ def activate(
 
 def _release_lease(session: Session, cred_id: str, token: str) -> None:
     session.execute(
-        delete(MintLease).where(col(MintLease.credential_id) == cred_id, MintLease.token == token)
+        delete(MintLease).where(
+            col(MintLease.credential_id) == cred_id, col(MintLease.token) == token
+        )
     )
 
 
 def mark_mint_failed(
     session: Session, cred_id: str, error: str, *, token: str, now: datetime
 ) -> bool:
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
         .values(
@@ -886,14 +889,14 @@ def revoke_failed(
             next_attempt_at=now + timedelta(seconds=retry_in) + REVOKE_REDRIVE,
             updated_at=now,
         )
-        .returning(Credential.attempts)
+        .returning(col(Credential.attempts))
     ).scalar_one_or_none()
     return attempts or 0
 
 
 def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
     """Revoking -> revoked, the secret destroyed; None if it was not revoking."""
-    cred = session.execute(
+    cred: Credential | None = session.execute(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
         .values(
@@ -915,7 +918,7 @@ def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential
 def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:
     """A heartbeat's extension the backend refused for good: recorded (last_error, an
     audit entry). The credential stays active; the backend ends it at the old expiry."""
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
         .values(last_error=clip(f"extend: {error}", LONG_TEXT), updated_at=now)
@@ -938,7 +941,7 @@ def take_secret(
     only after this, so a secret it could not decrypt is never consumed."""
     if cred.sealed_secret is None:
         return False
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(
             col(Credential.id) == cred.id,
@@ -1037,7 +1040,7 @@ def revoke_gave_up(
 
     The reconciliation still revokes the object if the backend shows it (a failed
     row holds nothing for a running task)."""
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
         .values(
@@ -1085,18 +1088,19 @@ class HeldRow:
     task_state: str
 
 
+# sqlalchemy's select: sqlmodel's is typed for at most four columns.
 _HELD_COLUMNS = (
-    Credential.id,
-    Credential.tenant,
-    Credential.task_id,
-    Credential.state,
-    Credential.profile,
-    Credential.backend_name,
-    Credential.backend_ref,
-    Credential.updated_at,
-    Credential.minted_at,
-    Credential.expires_at,
-    Task.state,
+    col(Credential.id),
+    col(Credential.tenant),
+    col(Credential.task_id),
+    col(Credential.state),
+    col(Credential.profile),
+    col(Credential.backend_name),
+    col(Credential.backend_ref),
+    col(Credential.updated_at),
+    col(Credential.minted_at),
+    col(Credential.expires_at),
+    col(Task.state),
 )
 
 
@@ -1105,7 +1109,7 @@ def held_rows(session: Session, ids: list[str]) -> dict[str, HeldRow]:
     if not ids:
         return {}
     rows = session.execute(
-        select(*_HELD_COLUMNS)
+        sqlalchemy.select(*_HELD_COLUMNS)
         .join(Task, col(Task.id) == col(Credential.task_id))
         .where(col(Credential.id).in_(ids))
     ).all()
@@ -1125,7 +1129,7 @@ def active_minted_before(
     Walks the (state, updated_at) index from `after` (the last row's updated_at, id):
     the cost grows with the active credentials, not with the ledger's history."""
     query = (
-        select(*_HELD_COLUMNS)
+        sqlalchemy.select(*_HELD_COLUMNS)
         .join(Task, col(Task.id) == col(Credential.task_id))
         .where(
             col(Credential.state) == CredState.active,
@@ -1150,7 +1154,7 @@ def mark_vanished(session: Session, cred_id: str, detail: str, *, now: datetime)
     """Active -> revoked, reason `vanished`: the backend no longer holds it and Leasehold
     did not remove it (expired, or removed by someone else); `detail` says where. The
     secret is destroyed: a claim must not hand out a dead one."""
-    done = session.execute(
+    done = session.exec(
         update(Credential)
         .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.active)
         .values(
@@ -1234,14 +1238,14 @@ def audit_export_head(session: Session) -> tuple[int, str | None]:
         .order_by(col(AuditEntry.exported_seq).desc())
         .limit(1)
     ).first()
-    return (int(row[0]), row[1]) if row else (0, None)
+    return (int(row[0]), row[1]) if row and row[0] is not None else (0, None)
 
 
 def mark_exported(session: Session, marks: list[tuple[str, int, str]]) -> None:
     """Record (id, seq, hash) of entries written to the export: compare-and-set on NULL,
     so an entry is marked once; anything else means a second exporter, and fails."""
     for entry_id, seq, digest in marks:
-        done = session.execute(
+        done = session.exec(
             update(AuditEntry)
             .where(col(AuditEntry.id) == entry_id, col(AuditEntry.exported_seq).is_(None))
             .values(exported_seq=seq, export_hash=digest)
@@ -1274,7 +1278,7 @@ def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int,
         return 0, 0
     gone = select(Credential.id).where(col(Credential.task_id).in_(ids))
     session.execute(delete(MintLease).where(col(MintLease.credential_id).in_(gone)))
-    creds = session.execute(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
+    creds = session.exec(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
     session.execute(delete(Task).where(col(Task.id).in_(ids)))
     return len(ids), creds
 

@@ -176,7 +176,7 @@ def start_dev_server(
 
 def seed_demo(addr: str, token: str, *, timeout: float = 5.0) -> None:
     """The sample profile's world: policy `leasehold-demo-read` and secret/demo/hello."""
-    client = hvac.Client(url=addr, token=token, timeout=timeout)
+    client = hvac.Client(url=addr, token=token, timeout=timeout)  # type: ignore[arg-type]  # stub says int; requests takes a float
     try:
         client.sys.create_or_update_policy(
             DEMO_POLICY,

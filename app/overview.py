@@ -111,9 +111,9 @@ def failing_clause(alert_after: int) -> Any:
     good (`failed` after a revoke was requested; a failed mint has no revoke request).
     Both ride the (state, updated_at) index."""
     return or_(
-        and_(Credential.state == CredState.revoking, Credential.attempts >= alert_after),
+        and_(col(Credential.state) == CredState.revoking, col(Credential.attempts) >= alert_after),
         and_(
-            Credential.state == CredState.failed,
+            col(Credential.state) == CredState.failed,
             col(Credential.revoke_requested_at).is_not(None),
         ),
     )
@@ -361,14 +361,15 @@ def revocation_series(
         start=start, width=width, buckets=[Bucket(start=start + width * i) for i in range(buckets)]
     )
     where = [
-        Credential.state == CredState.revoked,
+        col(Credential.state) == CredState.revoked,
         col(Credential.updated_at) >= start,
         col(Credential.revoked_at) >= start,
         col(Credential.revoke_requested_at).is_not(None),
     ]
     if session.get_bind().dialect.name == "postgresql":
         # The database does the arithmetic: 30 rows come back, not every revocation.
-        index = func.floor((extract("epoch", Credential.revoked_at) - epoch0) / width_s).label("b")
+        revoked_s = extract("epoch", col(Credential.revoked_at))
+        index = func.floor((revoked_s - epoch0) / width_s).label("b")
         exposure = cast(
             extract("epoch", col(Credential.revoked_at) - col(Credential.revoke_requested_at)),
             Float,

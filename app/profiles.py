@@ -10,7 +10,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -243,7 +243,7 @@ def _describe(name: str, exc: ValidationError) -> str:
     return f"profile '{name}': " + "; ".join(problems)
 
 
-def parse_profiles(document: dict) -> dict[str, Profile]:
+def parse_profiles(document: dict[str, Any]) -> dict[str, Profile]:
     """Validate a parsed TOML document; raise ProfileError naming what is wrong."""
     section = document.get("profiles")
     if not isinstance(section, dict) or not section:

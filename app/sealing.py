@@ -42,7 +42,8 @@ def seal(secret: dict[str, Any]) -> str:
 
 def unseal(sealed: str) -> dict[str, Any]:
     try:
-        return json.loads(_fernet(_keys()).decrypt(sealed.encode()))
+        secret: dict[str, Any] = json.loads(_fernet(_keys()).decrypt(sealed.encode()))
+        return secret
     except InvalidToken:
         raise ValueError("sealed secret cannot be decrypted with the configured keys") from None
 

@@ -110,9 +110,10 @@ def reconcile_task() -> dict[str, Any]:
 def _run(trigger: str, pending_grace: timedelta, redrive_after: timedelta) -> SweepReport:
     settings = get_settings()
     inst = installation_id()
-    report = SweepReport(started_at=utcnow())
+    started = utcnow()
+    report = SweepReport(started_at=started)
     with session_scope() as session:
-        report.id = ledger.start_sweep(session, now=report.started_at, trigger=trigger)
+        report.id = ledger.start_sweep(session, now=started, trigger=trigger)
     report.detail = {"trigger": trigger, "backends": []}
     seen: set[tuple[str, str]] = set()
     try:

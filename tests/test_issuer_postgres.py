@@ -218,6 +218,25 @@ def test_revoke_cuts_open_session_and_refuses_new_login(issuer: PostgresIssuer) 
     issuer.revoke(issuer.prefix + "never-minted")
 
 
+def test_revoke_drops_a_role_that_owns_an_object(issuer: PostgresIssuer, database: str) -> None:
+    # DROP ROLE refuses (2BP01, DependentObjectsStillExist): the revoke gives the
+    # object up (DROP OWNED) and drops the role all the same.
+    minted = issuer.mint(request(issuer))
+    table = sql.Identifier(f"owned_{secrets.token_hex(4)}")
+    with admin(database) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} ()").format(table))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} OWNER TO {}").format(table, sql.Identifier(minted.ref))
+        )
+
+    issuer.revoke(minted.ref)
+
+    assert not issuer.exists(minted.ref)
+    with admin(database) as conn:
+        found = conn.execute("SELECT to_regclass(%s)", (table.as_string(conn),)).fetchone()
+    assert found == (None,)
+
+
 def test_retried_mint_replaces_the_role(issuer: PostgresIssuer) -> None:
     req = request(issuer)
     first = issuer.mint(req)

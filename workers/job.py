@@ -35,7 +35,7 @@ from app.logs import log
 from app.queue import QUEUES, celery_app
 from workers.backoff import backoff
 
-Errors = tuple[type[BaseException], ...]
+Errors = tuple[type[Exception], ...]
 MAX_DELAY = 300.0  # an error's own delay is honoured up to this: every wait has a bound
 
 
@@ -64,7 +64,7 @@ def job(
     ignore: Errors = (),
     on_give_up: Callable[..., Any] | None = None,
     bind: bool = False,
-) -> Callable[[Callable[..., Any]], Task]:
+) -> Callable[[Callable[..., Any]], Task[Any, Any]]:
     """Register `body` as the Celery task `name` (a constant of app.queue, which also
     gives its queue). `on_give_up(exc, *args)`, if given, ends a job out of retries
     with its return value instead of the error. `bind`: the body gets the task first
@@ -72,8 +72,8 @@ def job(
     if name not in QUEUES:
         raise ValueError(f"job {name!r} has no queue in app.queue.QUEUES")
 
-    def decorate(body: Callable[..., Any]) -> Task:
-        def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+    def decorate(body: Callable[..., Any]) -> Task[Any, Any]:
+        def run(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Any:
             started = time.monotonic()
             outcome = "failed"
             try:
@@ -113,8 +113,7 @@ def job(
         # against `run`'s own signature.
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             setattr(run, attr, getattr(body, attr))
-        return celery_app.task(  # type: ignore[no-any-return]
-            name=name, bind=True, max_retries=max_retries, ignore_result=True
-        )(run)
+        task = celery_app.task(name=name, bind=True, max_retries=max_retries, ignore_result=True)
+        return task(run)
 
     return decorate

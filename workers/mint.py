@@ -135,7 +135,7 @@ def _fields(cred: Credential, **more: Any) -> dict[str, Any]:
     permanent=(PermanentIssuerError,),
     bind=True,
 )
-def mint_credential(self: CeleryTask, credential_id: str) -> str:
+def mint_credential(self: CeleryTask[Any, Any], credential_id: str) -> str:
     # The task id names this delivery: its retries keep the mint lease.
     return mint(credential_id, token=self.request.id)
 

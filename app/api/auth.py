@@ -61,7 +61,9 @@ def create_key(
         tenant=None if role == Role.admin else tenant,
         key_hash=hash_api_key(secret),
         created_at=now or utcnow(),
-        **limits,
+        sources=limits["sources"],
+        workloads=limits["workloads"],
+        profiles=limits["profiles"],
     )
     session.add(key)
     return key, secret

@@ -12,6 +12,7 @@ limits middleware and ApiJSON (an error status with an `error` member) use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -72,7 +73,7 @@ class ProblemJSON(JSONResponse):
 
 
 def problem(
-    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+    status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return ProblemJSON(problem_body(status, message, **extra), status, headers)
 

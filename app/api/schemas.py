@@ -262,7 +262,8 @@ class Health(BaseModel):
 class CloudEventDoc(CloudEvent):
     """The body of POST /v1/events (documentation: the handler reads the raw body)."""
 
-    data: StartedData | HeartbeatData | dict[str, Any] | None = Field(
+    # Re-typed for the document only: this model never stands in for a CloudEvent.
+    data: StartedData | HeartbeatData | dict[str, Any] | None = Field(  # type: ignore[assignment]
         None,
         description="task.started: StartedData; task.heartbeat: HeartbeatData; "
         "task.succeeded/failed/cancelled: any object",

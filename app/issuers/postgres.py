@@ -108,7 +108,7 @@ class PostgresIssuer(Issuer):
                 urlsplit(self._conninfo).password,
                 conninfo_to_dict(self._conninfo).get("password"),
             )
-            if p
+            if isinstance(p, str) and p
         )
         self._pool_lock = threading.Lock()
         self._group_lock = threading.Lock()
@@ -338,7 +338,7 @@ class PostgresIssuer(Issuer):
             self._end_sessions(conn, oid, deadline)
             try:
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
-            except errors.DependentObjectsStillReferenced:
+            except errors.DependentObjectsStillExist:
                 # It owns something here (it should not): give it up, then drop.
                 conn.execute(
                     sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(ident, ident)

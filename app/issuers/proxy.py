@@ -90,7 +90,11 @@ class ProxyIssuer(Issuer):
             resp = gateway.call(f"read {path}", lambda c: c.read(path))
         data = (resp or {}).get("data") if isinstance(resp, dict) else None
         inner = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(inner, dict) or not isinstance(data.get("metadata"), dict):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(inner, dict)
+            or not isinstance(data.get("metadata"), dict)
+        ):
             raise PermanentIssuerError(f"vault read {path}: no KV v2 secret at this path")
         value = inner.get(field)
         if not isinstance(value, str) or not value:

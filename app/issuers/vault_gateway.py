@@ -84,7 +84,7 @@ class VaultGateway:
             raise PermanentIssuerError(
                 "set LEASEHOLD_VAULT_TOKEN or LEASEHOLD_VAULT_ROLE_ID/LEASEHOLD_VAULT_SECRET_ID"
             )
-        self.client = hvac.Client(url=self._addr, timeout=self._timeout)
+        self.client = hvac.Client(url=self._addr, timeout=self._timeout)  # type: ignore[arg-type]  # stub says int; requests takes a float
         self._lock = threading.Lock()
         self._ready = False
         # Own-token bookkeeping on the monotonic clock; _expires_at None = never expires.
@@ -180,7 +180,7 @@ class VaultGateway:
         self._track(ttl=ttl, span=self._span, renewable=bool(auth.get("renewable")))
         log.info("renewed Leasehold's Vault token (ttl %d s)", ttl)
 
-    def _track(self, *, ttl: int, span: int, renewable: bool) -> None:
+    def _track(self, *, ttl: int, span: float, renewable: bool) -> None:
         self._expires_at = time.monotonic() + ttl if ttl > 0 else None
         self._span = float(span or ttl)
         self._renewable = renewable
@@ -207,7 +207,10 @@ class VaultGateway:
     def client_for(self, token: str) -> hvac.Client:
         """A client acting as another token; shares our connection pool."""
         return hvac.Client(
-            url=self._addr, token=token, timeout=self._timeout, session=self.client.session
+            url=self._addr,
+            token=token,
+            timeout=self._timeout,  # type: ignore[arg-type]  # stub says int; requests takes a float
+            session=self.client.session,
         )
 
     def create_token(
@@ -236,13 +239,15 @@ class VaultGateway:
                 display_name=display_name,
             ),
         )
-        return resp["auth"]
+        auth: dict[str, Any] = resp["auth"]
+        return auth
 
     def lookup_accessor(self, accessor: str) -> dict[str, Any] | None:
         """The token's properties, or None when no token has this accessor."""
         self.ensure_token()
         try:
-            return self.client.auth.token.lookup_accessor(accessor)["data"]
+            data: dict[str, Any] = self.client.auth.token.lookup_accessor(accessor)["data"]
+            return data
         except hv.InvalidRequest as exc:
             if is_invalid_accessor(exc):
                 return None

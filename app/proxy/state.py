@@ -272,7 +272,7 @@ class Journal:
                 self._writing = False
 
     def _drain(self) -> list[dict[str, Any]]:
-        entries = []
+        entries: list[dict[str, Any]] = []
         while len(entries) < self._batch and not self._queue.empty():
             entries.append(self._queue.get_nowait())
         return entries

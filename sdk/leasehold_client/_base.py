@@ -74,7 +74,9 @@ def parse_time(value: Any) -> datetime | None:
 
 
 def task_answer(task: str, body: dict[str, Any]) -> TaskAnswer:
-    view = body.get("task") if isinstance(body.get("task"), dict) else {}
+    view = body.get("task")
+    if not isinstance(view, dict):
+        view = {}
     return TaskAnswer(
         task=task,
         state=view.get("state"),
@@ -175,7 +177,7 @@ class Config:
             after = answer.headers.get("Retry-After", "")
             if after.strip().isdigit():
                 return min(float(after), self.max_retry_wait)
-        return min(0.5 * 2**attempt * (0.5 + random.random() / 2), self.max_retry_wait)  # noqa: S311
+        return min(0.5 * 2.0**attempt * (0.5 + random.random() / 2), self.max_retry_wait)  # noqa: S311
 
 
 def json_body(answer: httpx.Response) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class _Integration:
             return None
         return _options(task)
 
-    def prerun(self, sender: Task | None = None, task_id: str = "", **_: Any) -> None:
+    def prerun(self, sender: Task[Any, Any] | None = None, task_id: str = "", **_: Any) -> None:
         opts = self.ours(sender)
         if sender is None or opts is None:
             return
@@ -109,7 +109,9 @@ class _Integration:
             attempt.error = exc
             log.error("leasehold: task.started for %r failed: %s", name, exc)
 
-    def postrun(self, sender: Task | None = None, state: str | None = None, **_: Any) -> None:
+    def postrun(
+        self, sender: Task[Any, Any] | None = None, state: str | None = None, **_: Any
+    ) -> None:
         attempt = _current.get()
         if attempt is None or self.ours(sender) is None:
             return
@@ -123,7 +125,7 @@ class _Integration:
             kind = "task.cancelled"  # rejected, ignored, or interrupted
         self._end(kind, attempt.task_id)
 
-    def revoked(self, sender: Task | None = None, request: Any = None, **_: Any) -> None:
+    def revoked(self, sender: Task[Any, Any] | None = None, request: Any = None, **_: Any) -> None:
         # In the worker's main process, e.g. `revoke(terminate=True)`: the attempt's
         # own process or thread never reaches postrun.
         if request is None or self.ours(sender) is None:

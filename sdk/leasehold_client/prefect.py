@@ -60,7 +60,7 @@ def _flow_name(flow_run_id: Any) -> str:
 
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow is not None and str(ctx.flow_run.id) == str(flow_run_id):
-        return ctx.flow.name
+        return str(ctx.flow.name)
     return "-"
 
 

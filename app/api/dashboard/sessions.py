@@ -38,7 +38,7 @@ def read_session(token: str, *, now: float | None = None) -> tuple[str, str] | N
     """(key id, nonce) of a well-signed, unexpired session; any configured key verifies."""
     payload = sealing.unsign("lhs", SESSION, token)
     try:
-        key_id, expires, nonce = payload or ()
+        key_id, expires, nonce = payload or []
         if int(expires) <= (now or time.time()):
             return None
     except (ValueError, TypeError):
