@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from app.api.auth import OperatorKey, tenant_scope
-from app.api.pages import page
+from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
 from app.db import SessionDep
 from app.models import AuditEntry, Task

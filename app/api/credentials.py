@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from app import identity, ledger, notify, observe, policy, sealing
 from app.api.auth import OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
-from app.api.pages import page
+from app.api.paging import page
 from app.api.paths import TASK_ID, raw_segment
 from app.api.schemas import (
     MAX_GRANTS,

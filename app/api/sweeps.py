@@ -12,7 +12,7 @@ from sqlmodel import select
 
 from app.api.auth import AdminKey
 from app.api.errors import ApiError
-from app.api.pages import page
+from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
 from app.db import SessionDep
 from app.models import SWEEP_COUNTS, Sweep

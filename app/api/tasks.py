@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 from app import ledger
 from app.api.auth import ReaderKey, tenant_scope
 from app.api.errors import ApiError
-from app.api.pages import page
+from app.api.paging import page
 from app.api.paths import TASK_ID, raw_segment
 from app.api.schemas import (
     ApiJSON,
