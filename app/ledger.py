@@ -6,7 +6,6 @@ and enqueues worker jobs (ids only) after its commit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -193,6 +192,41 @@ def task_credentials(session: Session, task_pk: str) -> list[Credential]:
 # --- events --------------------------------------------------------------
 
 
+def check_grants(event: EventIn, tenant: str, profiles: dict[str, Profile]) -> None:
+    """A task.started's grants against the profiles: each known, not retired, open to
+    the tenant, a JWT-claimed one with a workload, max_duration within every max_ttl."""
+    if event.type != "task.started" or event.data is None:
+        return
+    smallest: tuple[int, str] | None = None
+    for grant in event.data["grants"]:
+        name = grant["profile"]
+        profile = profiles.get(name)
+        if profile is None:
+            raise LedgerError(422, f"grant {grant['name']!r}: unknown profile {name!r}")
+        if profile.retired:
+            raise LedgerError(422, f"grant {grant['name']!r}: profile {name!r} is retired")
+        if not profile.open_to(tenant):
+            raise LedgerError(
+                422, f"grant {grant['name']!r}: profile {name!r} is not open to this tenant"
+            )
+        if profile.claim == "jwt" and not event.data.get("workload"):
+            # The claim proves the workload against this name: without one, nothing could.
+            raise LedgerError(
+                422,
+                f"grant {grant['name']!r}: profile {name!r} is claimed with a JWT; "
+                "the event must name its workload",
+            )
+        if smallest is None or profile.max_ttl < smallest[0]:
+            smallest = (profile.max_ttl, name)
+    assert smallest is not None
+    if event.data["max_duration"] > smallest[0]:
+        raise LedgerError(
+            422,
+            f"max_duration {event.data['max_duration']} is over the max_ttl of profile "
+            f"{smallest[1]!r} ({smallest[0]})",
+        )
+
+
 def apply_event(
     session: Session,
     *,
@@ -202,12 +236,11 @@ def apply_event(
     installation_id: str,
     retention_days: int,
     now: datetime | None = None,
-    check: Callable[[], None] | None = None,
 ) -> EventResult:
     """Store one event and apply its transition; raise LedgerError to refuse it.
 
-    `check` runs only for an event not seen before, so a retried event is a
-    duplicate even when what it names (e.g. a profile) has changed since."""
+    The profile rules (check_grants) run only for an event not seen before, so a
+    retried event is a duplicate even when a profile it names has changed since."""
     now = now or utcnow()
     tenant = key.tenant or ""
     refusal = scope.source_refusal(key.sources, event.source)
@@ -231,8 +264,7 @@ def apply_event(
         if task is None:  # e.g. a refused heartbeat's key reused: nothing to show
             raise LedgerError(409, "event already seen")
         return EventResult(task=task, duplicate=True)
-    if check is not None:
-        check()
+    check_grants(event, tenant, profiles)
 
     result: EventResult
     if event.type == "task.started":

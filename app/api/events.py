@@ -35,7 +35,7 @@ from app.db import get_engine
 from app.ledger import EventIn, EventResult, installation_id
 from app.logs import log
 from app.models import ApiKey, Task
-from app.profiles import Profile, get_profiles
+from app.profiles import get_profiles
 from app.queue import enqueue_approval_request, enqueue_extend, enqueue_mint, enqueue_revoke
 from app.settings import get_settings
 
@@ -213,39 +213,6 @@ def parse_event(body: bytes, content_type: str, headers: Headers | None = None) 
     )
 
 
-def check_profiles(event: EventIn, tenant: str, profiles: dict[str, Profile]) -> None:
-    if event.type != "task.started" or event.data is None:
-        return
-    smallest: tuple[int, str] | None = None
-    for grant in event.data["grants"]:
-        name = grant["profile"]
-        profile = profiles.get(name)
-        if profile is None:
-            raise ApiError(422, f"grant {grant['name']!r}: unknown profile {name!r}")
-        if profile.retired:
-            raise ApiError(422, f"grant {grant['name']!r}: profile {name!r} is retired")
-        if not profile.open_to(tenant):
-            raise ApiError(
-                422, f"grant {grant['name']!r}: profile {name!r} is not open to this tenant"
-            )
-        if profile.claim == "jwt" and not event.data.get("workload"):
-            # The claim proves the workload against this name: without one, nothing could.
-            raise ApiError(
-                422,
-                f"grant {grant['name']!r}: profile {name!r} is claimed with a JWT; "
-                "the event must name its workload",
-            )
-        if smallest is None or profile.max_ttl < smallest[0]:
-            smallest = (profile.max_ttl, name)
-    assert smallest is not None
-    if event.data["max_duration"] > smallest[0]:
-        raise ApiError(
-            422,
-            f"max_duration {event.data['max_duration']} is over the max_ttl of profile "
-            f"{smallest[1]!r} ({smallest[0]})",
-        )
-
-
 def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
     settings = get_settings()
     profiles = get_profiles()
@@ -260,9 +227,6 @@ def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
                     profiles=profiles,
                     installation_id=inst,
                     retention_days=settings.retention_days,
-                    # After the idempotency check: a retry is a duplicate even if a
-                    # profile was retired since.
-                    check=lambda: check_profiles(event, key.tenant or "", profiles),
                 )
                 answer = _answer(session, key, event, result)
                 session.commit()

@@ -9,10 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlmodel import Session, select
 
-from app import policy, scope
+from app import ledger, policy, scope
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.errors import ApiError
-from app.api.events import check_profiles, parse_event
+from app.api.events import parse_event
 from app.api.schemas import ApiJSON, errors, event_body
 from app.db import get_engine
 from app.models import ApiKey, Role
@@ -35,7 +35,7 @@ class PolicyCheckOut(BaseModel):
 
 def _check(event: Any, tenant: str, emitter: str) -> dict[str, Any]:
     profiles = get_profiles()
-    check_profiles(event, tenant, profiles)
+    ledger.check_grants(event, tenant, profiles)
     data = event.data
     grants = data["grants"]
     asks = [
