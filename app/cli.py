@@ -212,14 +212,18 @@ def proxy(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8701,
 ) -> None:
-    """The proxy for `proxy` credentials (reverse mode: <url>/p/<credential id>/...)."""
+    """The proxy for `proxy` credentials: reverse mode (<url>/p/<credential id>/...) and,
+    on the same port, forward mode (HTTP_PROXY / HTTPS_PROXY with CONNECT)."""
     settings()
     _checked_profiles()
     import uvicorn
 
+    from app.proxy.forward import Sniffer
+
     uvicorn.run(
         "app.proxy.server:create_app",
         factory=True,
+        http=Sniffer,  # the first request line picks forward mode or uvicorn's own
         host=host,
         port=port,
         log_level="warning",

@@ -171,6 +171,7 @@ def check_profiles(event: EventIn, tenant: str, profiles: dict[str, Profile]) ->
             422,
             f"max_duration {event.data['max_duration']} is over the max_ttl of profile "
             f"{smallest[1]!r} ({smallest[0]})",
+            max_ttl=smallest[0],  # machine-readable: `leasehold run` starts with it
         )
 
 
