@@ -50,9 +50,11 @@ HANDSHAKE_SECONDS = 10.0
 LEAF_SECONDS = 60.0  # a leaf's TLS context is kept this long in memory at most
 MAX_HEAD = 16 * 1024
 CACHE_SECONDS = 0.5  # a token's task siblings (their liveness is the gates')
+MAX_CONNECTIONS = 1000  # forward connections at once (uvicorn's limit counts its own)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _proxy: Any = None  # the app's Proxy (app/proxy/server.py), set at its start
+_open_connections = 0
 
 
 def install(proxy: Any) -> None:
@@ -125,7 +127,7 @@ class Sniffer(asyncio.Protocol):
 
     def _to_forward(self) -> None:
         assert self._transport is not None
-        if _proxy is None:  # not started yet
+        if _proxy is None or _open_connections >= MAX_CONNECTIONS:  # not started, or full
             self._transport.close()
             return
         self._done()
@@ -279,6 +281,8 @@ class ForwardConnection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
     async def run(self) -> None:
+        global _open_connections
+        _open_connections += 1
         try:
             await self._requests(tunnel=None)
         except (TimeoutError, _Closed, ConnectionError, ssl.SSLError):
@@ -286,6 +290,7 @@ class ForwardConnection:
         except Exception:
             log.exception("proxy: forward connection failed")
         finally:
+            _open_connections -= 1
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 1)
