@@ -358,14 +358,18 @@ def proxy(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8701,
 ) -> None:
-    """The proxy for `proxy` credentials (reverse mode: <url>/p/<credential id>/...)."""
+    """The proxy for `proxy` credentials: reverse mode (<url>/p/<credential id>/...) and,
+    on the same port, forward mode (HTTP_PROXY / HTTPS_PROXY with CONNECT)."""
     settings()
     _checked_profiles()
     import uvicorn
 
+    from app.proxy.forward import Sniffer
+
     uvicorn.run(
         "app.proxy.server:create_app",
         factory=True,
+        http=Sniffer,  # the first request line picks forward mode or uvicorn's own
         host=host,
         port=port,
         log_level="warning",
@@ -474,6 +478,67 @@ def emit(
         except httpx.HTTPError as exc:
             raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
     echo(json.dumps(answer.body, indent=2))
+
+
+@cli.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    no_args_is_help=True,
+)
+def run(
+    command: Annotated[list[str], typer.Argument(help="the command, after --")],
+    grant: Annotated[list[str], typer.Option(help="NAME=PROFILE, repeatable")],
+    task: Annotated[
+        str | None, typer.Option(help="the task id (default: run/<host>/<random>)")
+    ] = None,
+    max_duration: Annotated[
+        int | None,
+        typer.Option(help="seconds (default: the smallest max_ttl of the grants' profiles)", min=1),
+    ] = None,
+    workload: Annotated[str | None, typer.Option()] = None,
+    grace: Annotated[
+        float, typer.Option(help="seconds between a forwarded signal and SIGKILL", min=0)
+    ] = 10.0,
+) -> None:
+    """Run COMMAND as a task: its credentials in its environment, revoked when it ends
+    (LEASEHOLD_URL, LEASEHOLD_KEY). Exits with COMMAND's code."""
+    from leasehold_client import LeaseholdError
+
+    from app.run import FAILED_TO_START, RunError
+    from app.run import run as run_command
+
+    grants: dict[str, str] = {}
+    for text in grant:
+        parsed = _parse_grant(text)
+        if parsed["name"] in grants:
+            raise typer.BadParameter(f"grant {parsed['name']!r} is given twice")
+        grants[parsed["name"]] = parsed["profile"]
+    try:
+        code = run_command(
+            command,
+            grants=grants,
+            task=task,
+            max_duration=max_duration,
+            workload=workload,
+            grace=grace,
+        )
+    except RunError as exc:
+        raise fail(f"run: {exc}", FAILED_TO_START) from None
+    except LeaseholdError as exc:
+        raise fail(f"run: the server refused: {exc}", FAILED_TO_START) from None
+    except httpx.HTTPError as exc:
+        raise fail(f"run: cannot reach the server: {type(exc).__name__}", FAILED_TO_START) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+@cli.command()
+def guide() -> None:
+    """Print the agent-facing usage guide (what `leasehold run` gives a command; its
+    path is in the command's LEASEHOLD_GUIDE)."""
+    from app.run import GUIDE
+
+    typer.echo(GUIDE.read_text())
 
 
 @cli.command()

@@ -6,6 +6,7 @@ and enqueues worker jobs (ids only) after its commit.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -16,7 +17,7 @@ from sqlalchemy import delete, exists, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from app import policy, scope
+from app import policy, scope, sealing
 from app.issuers.base import mark
 from app.models import (
     LIVE_CRED_STATES,
@@ -30,10 +31,12 @@ from app.models import (
     MintLease,
     Sweep,
     Task,
+    TaskCA,
     TaskState,
     utcnow,
 )
-from app.profiles import Profile
+from app.profiles import Profile, ProxyProfile
+from app.proxy.ca import make_ca, upstream_host
 from app.redact import LONG_TEXT, clip
 from app.settings import get_settings
 
@@ -224,6 +227,7 @@ def check_grants(event: EventIn, tenant: str, profiles: dict[str, Profile]) -> N
             422,
             f"max_duration {event.data['max_duration']} is over the max_ttl of profile "
             f"{smallest[1]!r} ({smallest[0]})",
+            max_ttl=smallest[0],  # machine-readable: `leasehold run` starts with it
         )
 
 
@@ -402,6 +406,7 @@ def _start(
             strict=True,
         )
     )
+    made: list[tuple[Profile, Credential]] = []
     for grant, profile, refused in zip(grants, chosen, refusals, strict=True):
         state = CredState.pending
         why, code = "", ""
@@ -432,6 +437,7 @@ def _start(
         )
         cred.backend_name = mark(installation_id, cred.id)
         session.add(cred)
+        made.append((profile, cred))
         if state == CredState.pending:
             result.to_mint.append(cred.id)
         elif state == CredState.awaiting_approval and profile.approval_webhook:
@@ -459,7 +465,32 @@ def _start(
                 detail=f"mint {decision.reason}"[:2000],
                 now=now,
             )
+    _make_task_ca(session, task, [p for p, c in made if c.state != CredState.denied], now=now)
     return result
+
+
+def _make_task_ca(session: Session, task: Task, profiles: list[Profile], *, now: datetime) -> None:
+    """The forward-mode CA of a task with proxy grants: for their upstream hosts only,
+    valid until the task can no longer live (its profiles' smallest max_ttl)."""
+    hosts = sorted({upstream_host(p.upstream) for p in profiles if isinstance(p, ProxyProfile)})
+    if not hosts or task.started_at is None or task.max_ttl is None:
+        return
+    not_after = task.started_at + timedelta(seconds=task.max_ttl)
+    issued = make_ca(hosts, label=task.id, not_after=not_after)
+    session.add(
+        TaskCA(
+            task_id=task.id,
+            cert_pem=issued.cert_pem,
+            sealed_key=sealing.seal({"key": issued.key_pem}),
+            hosts=json.dumps(hosts),
+            not_after=not_after,
+            created_at=now,
+        )
+    )
+
+
+def task_ca(session: Session, task_pk: str) -> TaskCA | None:
+    return session.get(TaskCA, task_pk)
 
 
 def _parent_for(session: Session, key: ApiKey, parent_name: str | None) -> Task | None:
@@ -599,6 +630,8 @@ def end_task(
     if not ended:
         return []
     task.state, task.ended_at = state, now
+    # Its forward-mode CA can sign nothing more: the key is destroyed with the task's end.
+    session.execute(update(TaskCA).where(col(TaskCA.task_id) == task.id).values(sealed_key=None))
     audit(
         session,
         "task_ended",
@@ -1310,6 +1343,7 @@ def purge_ended(session: Session, *, before: datetime, limit: int) -> tuple[int,
         return 0, 0
     gone = select(Credential.id).where(col(Credential.task_id).in_(ids))
     session.execute(delete(MintLease).where(col(MintLease.credential_id).in_(gone)))
+    session.execute(delete(TaskCA).where(col(TaskCA.task_id).in_(ids)))
     creds = session.exec(delete(Credential).where(col(Credential.task_id).in_(ids))).rowcount
     session.execute(delete(Task).where(col(Task.id).in_(ids)))
     return len(ids), creds

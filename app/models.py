@@ -208,6 +208,20 @@ class MintLease(SQLModel, table=True):
     until: datetime = _ts(nullable=False)
 
 
+class TaskCA(SQLModel, table=True):
+    """A task's forward-mode CA (app/proxy/ca.py): its certificate, and its key sealed
+    (app/sealing.py) until the task ends, when the key is destroyed."""
+
+    __tablename__ = "task_cas"
+
+    task_id: str = Field(foreign_key="tasks.id", primary_key=True, max_length=32)
+    cert_pem: str = Field(sa_column=Column(Text, nullable=False))
+    sealed_key: str | None = Field(default=None, sa_column=Column(Text))
+    hosts: str = Field(sa_column=Column(Text, nullable=False))  # JSON list, for the record
+    not_after: datetime = _ts(nullable=False)
+    created_at: datetime = _ts(nullable=False)
+
+
 class Event(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (

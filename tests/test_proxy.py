@@ -222,7 +222,8 @@ def start_task(client: Any, keys: dict[str, str], profile: str = "vendor-api") -
     claim = client.post(claim_url(name, "api"), headers=auth(answer.json()["claim_token"]))
     assert claim.status_code == 200, claim.text
     secret = claim.json()["secret"]
-    assert set(secret) == {"proxy_url", "token"}
+    assert set(secret) == {"proxy_url", "token", "ca"}
+    assert secret["ca"].startswith("-----BEGIN CERTIFICATE-----")
     CLAIMS.append(secret["token"])
     cred = credentials_of("t1", name)[0]
     assert secret["proxy_url"].endswith(f"/p/{cred.id}")

@@ -43,6 +43,7 @@ def mint(credential_id: str, token: str | None = None) -> str:
             task_id=task.name,
             task_digest=sealing.task_digest(cred.tenant, task.name),
             expires_at=cred.expires_at,
+            task_ca=ca.cert_pem if (ca := ledger.task_ca(session, task.id)) else None,
         )
     started = time.monotonic()
     try:

@@ -57,6 +57,9 @@ class MintRequest:
     task_id: str
     task_digest: str  # digest of tenant + task id, for {task} placeholders
     expires_at: datetime  # aware UTC; backend TTL must not pass it
+    # The task's forward-mode CA certificate (PEM) when it has proxy grants: a proxy
+    # claim answers it as `ca`.
+    task_ca: str | None = None
 
 
 @dataclass

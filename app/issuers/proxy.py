@@ -64,7 +64,11 @@ class ProxyIssuer(Issuer):
         token = new_token()
         return Minted(
             ref=req.name,
-            secret={"proxy_url": proxy_url(self.settings, req.credential_id), "token": token},
+            secret={
+                "proxy_url": proxy_url(self.settings, req.credential_id),
+                "token": token,
+                "ca": req.task_ca,  # forward mode's CA for this task (PEM)
+            },
             expires_at=req.expires_at,
             token_digest=token_digest(token),
         )

@@ -1,6 +1,7 @@
 """`leasehold proxy`, reverse mode: `<proxy>/p/<credential id><path>` with the
 credential's proxy token goes to the profile's one upstream with the static secret
-added (PRODUCT.md "Brokered access").
+added (PRODUCT.md "Brokered access"). Forward mode (app/proxy/forward.py) shares the
+port and everything after the token: `Proxy.serve` and `Proxy.checked`.
 
 An ASGI app (Starlette, served by uvicorn) forwarding with httpx, streaming both
 ways. Order of checks: the token against the credential in the URL (401 without
@@ -18,7 +19,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from app.issuers import get_issuer
 from app.issuers.base import IssuerError
 from app.issuers.proxy import ProxyIssuer, token_digest
 from app.profiles import ProfileError, ProxyProfile, get_profiles
+from app.proxy import forward
+from app.proxy.forward import Forward
 from app.proxy.paths import CleanPath, PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
 from app.proxy.state import Gate, Gates, Journal, in_thread
@@ -180,6 +183,7 @@ class Proxy:
         self.buckets = Buckets()
         self.installation = ""
         self._clients: dict[tuple[str, str | None], httpx.AsyncClient] = {}
+        self.forward = Forward()  # forward mode's caches (app/proxy/forward.py)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -228,15 +232,26 @@ class Proxy:
             method=scope["method"], credential_id=found.group(1).decode() if found else ""
         )
 
+        async def work(tracked: Send) -> None:
+            if found is None:
+                raise Refused(404, "not_found", "no such proxy address: /p/<credential id>/...")
+            await self._handle(ex, scope, receive, tracked, found.group(2) or b"/")
+
+        await self.serve(ex, send, work)
+
+    async def serve(
+        self, ex: Exchange, send: Send, work: Callable[[Send], Awaitable[None]]
+    ) -> None:
+        """One request, reverse or forward mode: `work` answers it through the send it
+        is given; a refusal, a cut-off or a failure is answered, audited and counted here."""
+
         async def tracked(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ex.answered = True
             await send(message)
 
         try:
-            if found is None:
-                raise Refused(404, "not_found", "no such proxy address: /p/<credential id>/...")
-            await self._handle(ex, scope, receive, tracked, found.group(2) or b"/")
+            await work(tracked)
             outcome = "forwarded"
         except Refused as refusal:
             outcome = refusal.reason
@@ -256,6 +271,8 @@ class Proxy:
     async def _refuse(self, ex: Exchange, refusal: Refused, send: Send) -> None:
         if not ex.answered:
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
+            if refusal.status == 407:
+                headers["Proxy-Authenticate"] = 'Basic realm="leasehold"'
             if "retry_after" in refusal.extra:
                 headers["Retry-After"] = str(refusal.extra.pop("retry_after"))
             body = {"error": refusal.message, "reason": refusal.reason, **refusal.extra}
@@ -293,6 +310,21 @@ class Proxy:
             raise Refused(401, "no_token", "a proxy token is required (Authorization: Bearer)")
         if not authentic or gate is None:
             raise Refused(403, "bad_token", "this token is not valid for this credential")
+        await self.checked(ex, gate, rest, scope.get("query_string") or b"", headers, receive, send)
+
+    async def checked(
+        self,
+        ex: Exchange,
+        gate: Gate,
+        rest: bytes,
+        query: bytes,
+        headers: list[tuple[str, bytes]],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Everything after the token, shared by reverse and forward mode: the credential
+        live, the rate, the method, the path, the size; then the secret and the upstream."""
+        ex.gate, ex.profile = gate, gate.profile
         if not gate.live():
             raise Refused(403, "not_active", gate.why_not)
         profile = self._profile(gate)
@@ -317,7 +349,6 @@ class Proxy:
         ex.path = path.text
         if not allowed(path, profile.paths):
             raise Refused(403, "path", "this path is not allowed for this credential")
-        query = scope.get("query_string") or b""
         if not _QUERY.match(query):
             raise Refused(400, "query", "the query holds characters a URL may not")
         declared = _content_length(headers)
@@ -601,6 +632,7 @@ def create_app() -> Starlette:
         except OSError as exc:
             log.error("metrics: cannot listen on LEASEHOLD_METRICS_PORT: %s", exc)
         await proxy.start()
+        forward.install(proxy)
         try:
             yield
         finally:
