@@ -3,7 +3,8 @@
 Throwing a switch commits it first (from then on no matching credential is minted:
 the start refuses it and the activation re-checks), then takes what it matches a
 batch at a time, each batch its own unit of work enqueued to the revoke queue after
-its commit. The deadline sweep finishes what an interrupted request left."""
+its commit (app.switches). The deadline sweep finishes what an interrupted request
+left."""
 
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from app.api.schemas import ApiJSON, errors
 from app.db import SessionDep, get_engine, session_scope
 from app.logs import log
 from app.models import ApiKey, KillSwitch, Role, utcnow
-from app.queue import enqueue_revoke
+from app.switches import take_matching
 
 router = APIRouter(tags=["revocations"], responses=errors(401, 403, 422))
-BATCH = 500
 
 
 class SwitchIn(BaseModel):
@@ -74,23 +74,6 @@ def switch_view(session: Session, switch: KillSwitch) -> dict[str, Any]:
         "lifted_at": switch.lifted_at,
         "lifted_by": switch.lifted_by,
     }
-
-
-def take_matching(switch_id: str, *, actor: str) -> tuple[int, int]:
-    """Revoke (and deny) what a switch in force matches, a batch per unit of work, each
-    enqueued after its commit; returns (revoking, denied)."""
-    revoking = denied = 0
-    while True:
-        with session_scope() as session:
-            switch = session.get(KillSwitch, switch_id)
-            if switch is None or switch.lifted_at is not None:
-                break
-            batch = ledger.revoke_switched(session, switch, actor=actor, now=utcnow(), limit=BATCH)
-        enqueue_revoke(batch.to_revoke)
-        revoking, denied = revoking + len(batch.to_revoke), denied + batch.denied
-        if not batch.more:
-            break
-    return revoking, denied
 
 
 def _visible(session: Session, key: ApiKey, switch_id: str) -> KillSwitch:
