@@ -5,12 +5,15 @@ request (or a row that was still being written) left is taken within a sweep."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from app import ledger
 from app.db import session_scope
 from app.models import KillSwitch, utcnow
 from app.queue import enqueue_revoke
 
 BATCH = 500
+THROWER_TIME = timedelta(seconds=20)
 
 
 def take_matching(switch_id: str, *, actor: str, batch: int = BATCH) -> tuple[int, int]:
@@ -29,10 +32,12 @@ def take_matching(switch_id: str, *, actor: str, batch: int = BATCH) -> tuple[in
     return revoking, denied
 
 
-def enforce_all() -> tuple[int, int]:
-    """take_matching for every switch in force (the sweep's backstop)."""
+def enforce_all(older_than: timedelta = THROWER_TIME) -> tuple[int, int]:
+    """take_matching for every switch in force (the sweep's backstop). A switch younger
+    than `older_than` is left to the request that threw it, which answers its counts."""
+    cutoff = utcnow() - older_than
     with session_scope() as session:
-        ids = [s.id for s in ledger.switches_in_force(session)]
+        ids = [s.id for s in ledger.switches_in_force(session) if s.created_at <= cutoff]
     revoking = denied = 0
     for switch_id in ids:
         r, d = take_matching(switch_id, actor="system")

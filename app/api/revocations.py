@@ -113,8 +113,6 @@ def throw(body: SwitchIn, key: OperatorKey) -> ApiJSON:
         switch = session.get(KillSwitch, switch_id)
         assert switch is not None
         view = switch_view(session, switch)
-    # This request's own counts (the row's also count the sweep's, should it help).
-    view.update(revoking=revoking, denied=denied)
     return ApiJSON(view, status_code=202)
 
 
