@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
+import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import col, func, select
 
@@ -15,7 +23,7 @@ from app import ledger
 from app.api.auth import create_key
 from app.db import session_scope
 from app.models import AuditEntry, Credential, CredState, Role, Task, utcnow
-from tests.conftest import DATA_DB, RUN, wait_until
+from tests.conftest import DATA_DB, HOME, ROOT, RUN, wait_until
 from tests.helpers import auth, claim_url, started, states, task_path, unique
 
 PG_DATA = f"postgresql://postgres@127.0.0.1:5432/{DATA_DB}"
@@ -417,3 +425,124 @@ def test_an_expired_key_answers_401(app_client: TestClient, keys: dict[str, str]
     )
     past = {**body, "name": f"past-{RUN}", "expires_at": (utcnow() - timedelta(1)).isoformat()}
     assert app_client.post("/v1/keys", headers=admin, json=past).status_code == 422
+
+
+# --- against a running API: `leasehold revoke`, keys across processes ----------------
+
+
+@pytest.fixture(scope="module")
+def api_url(worker: Path) -> Iterator[str]:
+    """A real `leasehold api` process on the test run's ledger."""
+    from tests.isolated import start_api, stop_group
+
+    proc, url = start_api(dict(os.environ), HOME / "o1-api.log")
+    try:
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def cli(*args: str, key: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LEASEHOLD_URL": url, "LEASEHOLD_KEY": key}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_leasehold_revoke_cli_waits_until_done(
+    app_client: TestClient, api_url: str, keys: dict[str, str]
+) -> None:
+    tenant = f"tr-{RUN}"
+    mine = tenant_keys(tenant)
+    names = [unique(f"cli-revoke/{i}") for i in range(3)]
+    for name in names:
+        start(app_client, mine["emitter"], name, {"a": "reports-readonly", "b": "task-cache"})
+    wait_until(lambda: count(tenant, CredState.active) == 6, timeout=30)
+
+    nothing = cli("revoke", key=keys["admin"], url=api_url)
+    assert nothing.returncode == 2 and "at least one" in nothing.stderr
+    done = cli(
+        "revoke",
+        "--profile",
+        "reports-readonly",
+        "--tenant",
+        tenant,
+        "--json",
+        key=keys["admin"],
+        url=api_url,
+    )
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert view["done"] and view["revoked"] == 3 and view["remaining"] == 0
+    assert view["match"]["tenant"] == tenant and view["by"] == f"admin-{RUN}"
+    assert count(tenant, CredState.active) == 3  # the redis ones: not of the match
+
+    # For people: a progress bar until done; an operator is held to its own tenant.
+    shown = cli("revoke", "--source", "pytest://lifecycle", key=mine["operator"], url=api_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "kill switch" in shown.stdout and "] 3/3 done" in shown.stdout
+    assert count(tenant, CredState.active) == 0
+    other = cli("revoke", "--tenant", tenant, key=keys["operator-t2"], url=api_url)
+    assert other.returncode == 1 and "403" in other.stderr
+    listed = app_client.get("/v1/revocations", headers=auth(mine["operator"])).json()["items"]
+    assert len(listed) == 2  # the admin's (for this tenant) and the operator's
+    for switch in listed:
+        lifted = app_client.delete(f"/v1/revocations/{switch['id']}", headers=auth(keys["admin"]))
+        assert lifted.status_code == 200
+
+
+def test_a_revoked_key_gets_401_within_5_s_on_another_process(
+    app_client: TestClient, api_url: str, keys: dict[str, str]
+) -> None:
+    admin = auth(keys["admin"])
+    body = {"name": f"cross-{RUN}", "role": "operator", "tenant": "t1"}
+    made = app_client.post("/v1/keys", headers=admin, json=body).json()
+    elsewhere = f"{api_url}/v1/tasks"
+    assert httpx.get(elsewhere, headers=auth(made["key"]), timeout=5).status_code == 200
+    assert app_client.delete(f"/v1/keys/{made['id']}", headers=admin).status_code == 200
+    revoked_at = time.monotonic()
+    wait_until(
+        lambda: httpx.get(elsewhere, headers=auth(made["key"]), timeout=5).status_code == 401,
+        timeout=6,
+        interval=0.1,
+    )
+    assert time.monotonic() - revoked_at <= 5.0
+
+
+def test_keys_create_expires(api_url: str) -> None:
+    made = cli(
+        "keys",
+        "create",
+        f"exp-{RUN}",
+        "--role",
+        "operator",
+        "--tenant",
+        "t1",
+        "--expires",
+        "3s",
+        key="",
+        url=api_url,
+    )
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert httpx.get(f"{api_url}/v1/tasks", headers=auth(secret), timeout=5).status_code == 200
+    wait_until(
+        lambda: (
+            httpx.get(f"{api_url}/v1/tasks", headers=auth(secret), timeout=5).status_code == 401
+        ),
+        timeout=8,
+        interval=0.2,
+    )
+    listed = cli("keys", "list", key="", url=api_url)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(f"exp-{RUN}"))
+    assert "expired" in row
+    bad = cli(
+        "keys", "create", f"bad-{RUN}", "--role", "admin", "--expires", "soon", key="", url=api_url
+    )
+    assert bad.returncode == 1 and "--expires" in bad.stderr
