@@ -546,3 +546,56 @@ def test_keys_create_expires(api_url: str) -> None:
         "keys", "create", f"bad-{RUN}", "--role", "admin", "--expires", "soon", key="", url=api_url
     )
     assert bad.returncode == 1 and "--expires" in bad.stderr
+
+
+# --- the dashboard's kill switch panel --------------------------------------------------
+
+
+def test_dashboard_throws_shows_and_lifts_a_switch(
+    app_client: TestClient, keys: dict[str, str]
+) -> None:
+    tenant = f"td-{RUN}"
+    mine = tenant_keys(tenant)
+    name = unique("dash")
+    start(app_client, mine["emitter"], name, {"db": "reports-readonly"})
+    wait_until(lambda: states(tenant, name) == {"db": CredState.active})
+    web = TestClient(app_client.app, base_url="http://testserver", follow_redirects=False)
+    other = TestClient(app_client.app, base_url="http://testserver", follow_redirects=False)
+    try:
+
+        def sign_in(client: TestClient, key: str) -> str:
+            assert client.post("/dashboard/login", data={"key": key}).status_code == 303
+            page = client.get("/dashboard").text
+            assert 'id="throw-switch"' in page
+            return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+        csrf = sign_in(web, mine["operator"])
+        form = {"profile": "reports-readonly"}
+        assert web.post("/dashboard/revocations", data=form).status_code == 403  # no token
+        evil = {"Origin": "https://evil.example"}
+        refused = web.post("/dashboard/revocations", data={**form, "csrf": csrf}, headers=evil)
+        assert refused.status_code == 403
+        assert states(tenant, name) == {"db": CredState.active}
+        thrown = web.post("/dashboard/revocations", data={**form, "csrf": csrf})
+        assert thrown.status_code == 303 and "switch=thrown" in thrown.headers["location"]
+        wait_until(lambda: states(tenant, name) == {"db": CredState.revoked})
+        live = web.get("/dashboard/live").text
+        assert 'id="kill-switches"' in live and "profile=<code>reports-readonly</code>" in live
+        (switch_id,) = [
+            s["id"]
+            for s in app_client.get("/v1/revocations", headers=auth(mine["operator"])).json()[
+                "items"
+            ]
+        ]
+        assert f'data-switch="{switch_id}"' in live
+
+        csrf_t2 = sign_in(other, keys["operator-t2"])
+        assert switch_id not in other.get("/dashboard/live").text
+        lift_url = f"/dashboard/revocations/{switch_id}/lift"
+        assert other.post(lift_url, data={"csrf": csrf_t2}).status_code == 404
+        lifted = web.post(lift_url, data={"csrf": csrf})
+        assert lifted.status_code == 303 and "switch=lifted" in lifted.headers["location"]
+        assert f'data-switch="{switch_id}"' not in web.get("/dashboard/live").text
+    finally:
+        web.close()
+        other.close()
