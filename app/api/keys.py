@@ -22,7 +22,7 @@ from app.db import SessionDep
 from app.logs import log
 from app.models import ApiKey, Role, utcnow
 
-router = APIRouter(tags=["keys"], responses=errors(401, 403))
+router = APIRouter(tags=["keys"], responses=errors(401, 403, 422))
 
 
 class KeyIn(BaseModel):
