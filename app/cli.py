@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -127,6 +129,23 @@ def _without_urls(exc: BaseException) -> str:
     return f"{type(cause).__name__}: " + re.sub(r"[A-Za-z][\w+.-]*://\S*", "<url>", text)
 
 
+def _expiry(text: str) -> datetime:
+    """`--expires`: a duration from now (`90m`, `12h`, `30d`) or an ISO 8601 time."""
+    import re
+
+    from app.models import utcnow
+
+    found = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if found:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[found[2]]
+        return utcnow() + timedelta(**{unit: int(found[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise fail(f"--expires {text!r}: use a duration (90m, 12h, 30d) or an ISO time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 @keys_cli.command("create")
 def keys_create(
     name: str,
@@ -145,9 +164,17 @@ def keys_create(
     profiles: Annotated[
         list[str] | None, typer.Option(help="limit an emitter to these profiles")
     ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="when the key stops working: a duration (90m, 12h, 30d) or an ISO 8601 "
+            "time (UTC unless it names its offset)"
+        ),
+    ] = None,
 ) -> None:
     """Print a new key, and only the key, on stdout."""
     settings()
+    expires_at = _expiry(expires) if expires else None
     from sqlalchemy.exc import IntegrityError
 
     from app.api.auth import create_key
@@ -163,6 +190,7 @@ def keys_create(
                 sources=_listed(sources),
                 workloads=_listed(workloads),
                 profiles=_listed(profiles),
+                expires_at=expires_at,
             )
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -178,18 +206,26 @@ def keys_list() -> None:
     from sqlmodel import col, select
 
     from app.db import session_scope
-    from app.models import ApiKey
+    from app.models import ApiKey, utcnow
     from app.scope import describe as describe_scope
 
     with session_scope() as session:
         rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
-        echo(f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} {'STATUS':8} SCOPE")
+        now = utcnow()
+        echo(
+            f"{'NAME':24} {'ROLE':9} {'TENANT':16} {'CREATED':20} {'STATUS':8} "
+            f"{'LAST USED':17} {'EXPIRES':17} SCOPE"
+        )
         for k in rows:
             status = "retired" if k.revoked_at else "active"
+            if status == "active" and k.expires_at is not None and k.expires_at <= now:
+                status = "expired"
             scope = describe_scope(k.sources, k.workloads, k.profiles)
+            used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "-"
+            ends = f"{k.expires_at:%Y-%m-%d %H:%M}" if k.expires_at else "-"
             echo(
                 f"{k.name:24} {k.role:9} {k.tenant or '*':16} "
-                f"{k.created_at:%Y-%m-%d %H:%M:%S} {status:8} {scope}"
+                f"{k.created_at:%Y-%m-%d %H:%M:%S} {status:8} {used:17} {ends:17} {scope}"
             )
 
 
@@ -539,6 +575,86 @@ def guide() -> None:
     from app.run import GUIDE
 
     typer.echo(GUIDE.read_text())
+
+
+def _api(s: Settings) -> httpx.Client:
+    if s.key is None:
+        raise fail("set LEASEHOLD_KEY to an operator (or admin) key, and LEASEHOLD_URL")
+    return httpx.Client(
+        base_url=s.url,
+        headers={"Authorization": f"Bearer {s.key.get_secret_value()}"},
+        timeout=httpx.Timeout(10.0, read=120.0),  # a throw takes its batches first
+    )
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:200]}
+    if response.status_code >= 400:
+        raise fail(f"{response.status_code}: {body.get('error', body)}")
+    return body if isinstance(body, dict) else {}
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width if total == 0 else min(width, width * done // total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+@cli.command("revoke")
+def revoke_switch(
+    profile: Annotated[str | None, typer.Option(help="cut off this profile")] = None,
+    workload: Annotated[str | None, typer.Option(help="cut off this workload")] = None,
+    source: Annotated[str | None, typer.Option(help="cut off this event source")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="cut off this tenant (an operator: its own only)")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="wait, with a progress bar, until the revocations are done")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait at most", min=1)] = 600,
+    as_json: Annotated[bool, typer.Option("--json", help="print the switch as JSON")] = False,
+) -> None:
+    """The kill switch (LEASEHOLD_URL, LEASEHOLD_KEY): revoke every credential matching
+    all the options given (at least one) and refuse new ones until it is lifted
+    (DELETE /v1/revocations/ID, or the dashboard)."""
+    s = settings()
+    match = {"profile": profile, "workload": workload, "source": source, "tenant": tenant}
+    match = {k: v for k, v in match.items() if v}
+    if not match:
+        raise fail("name at least one of --profile, --workload, --source, --tenant", code=2)
+    drawn = False
+    with _api(s) as api:
+        try:
+            view = _answer(api.post("/v1/revocations", json=match))
+            if not as_json:
+                what = " ".join(f"{k}={v}" for k, v in view["match"].items() if v)
+                echo(f"kill switch {view['id']} in force: {what}")
+                echo(f"revoking {view['revoking']}, denied {view['denied']}")
+            end = time.monotonic() + timeout
+            while wait and not view.get("done") and time.monotonic() < end:
+                if not as_json:  # the bar on stderr, redrawn in place
+                    done = view["revoked"] + view["failed"]
+                    total = done + view["remaining"] + view["live"]
+                    typer.echo(f"\r{_bar(done, total)}", err=True, nl=False)
+                    drawn = True
+                time.sleep(0.5)
+                view = _answer(api.get(f"/v1/revocations/{view['id']}"))
+            if drawn:
+                typer.echo("", err=True)
+        except httpx.HTTPError as exc:
+            raise fail(f"cannot reach {s.url}: {type(exc).__name__}") from None
+    if as_json:
+        echo(json.dumps(view, indent=2))
+    else:
+        done = view["revoked"] + view["failed"]
+        total = done + view["remaining"] + view["live"]
+        echo(_bar(done, total) + (" done" if view.get("done") else " (still revoking)"))
+        if view["failed"]:
+            echo(f"{view['failed']} revocations failed for good: see the dashboard")
+    if wait and not view.get("done"):
+        raise typer.Exit(1)
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import delete, exists, func, or_, update
+from sqlalchemy import case, delete, exists, func, literal, null, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -22,17 +22,20 @@ from app.issuers.base import mark
 from app.models import (
     LIVE_CRED_STATES,
     SETTLED_CRED_STATES,
+    WAITING_CRED_STATES,
     ApiKey,
     AuditEntry,
     Credential,
     CredState,
     Event,
     Installation,
+    KillSwitch,
     MintLease,
     Sweep,
     Task,
     TaskCA,
     TaskState,
+    UTCDateTime,
     utcnow,
 )
 from app.profiles import Profile, ProxyProfile
@@ -378,10 +381,48 @@ def _start(
     session.flush()  # the task row first: credentials reference it
     audit(session, "task_started", actor=key.name, tenant=tenant, task_id=task.id, now=now)
     result = EventResult(task=task, duplicate=False)
+    grant_list = [(g["name"], p, 0) for g, p in zip(grants, chosen, strict=True)]
+    made = issue_grants(
+        session,
+        key,
+        task,
+        grant_list,
+        parent=parent,
+        held=held,
+        max_duration=int(data["max_duration"]),
+        installation_id=installation_id,
+        now=now,
+        result=result,
+    )
+    _make_task_ca(session, task, [p for p, c in made if c.state != CredState.denied], now=now)
+    return result
+
+
+def issue_grants(
+    session: Session,
+    key: ApiKey,
+    task: Task,
+    grants: list[tuple[str, Profile, int]],
+    *,
+    parent: Task | None,
+    held: set[str],
+    max_duration: int,
+    installation_id: str,
+    now: datetime,
+    result: EventResult,
+) -> list[tuple[Profile, Credential]]:
+    """A credential row for each (grant, profile, generation) of a running task, decided
+    as a start decides it: the parent's holdings, the key's scope, a kill switch, the
+    policy, then approval. Adds what to mint or ask about to `result`; returns the rows."""
+    tenant = task.tenant
+    started = task.started_at or now
+    deadline = task.deadline or now
+    chosen = [p for _, p, _ in grants]
     # Out of the key's scope is refused before any policy is asked.
     refusals = [
         scope.grant_refusal(key.workloads, key.profiles, task.workload, p.name) for p in chosen
     ]
+    switches = switches_in_force(session, tenant)
     asked = [p for p, refused in zip(chosen, refusals, strict=True) if refused is None]
     decided = dict(
         zip(
@@ -395,10 +436,10 @@ def _start(
                         issuer=p.issuer,
                         tenant=tenant,
                         emitter=key.name,
-                        source=event.source,
-                        task=event.subject,
-                        parent=data.get("parent"),
-                        max_duration=int(data["max_duration"]),
+                        source=task.source,
+                        task=task.name,
+                        parent=parent.name if parent else None,
+                        max_duration=max_duration,
                     )
                     for p in asked
                 ]
@@ -407,16 +448,20 @@ def _start(
         )
     )
     made: list[tuple[Profile, Credential]] = []
-    for grant, profile, refused in zip(grants, chosen, refusals, strict=True):
+    for (name, profile, generation), refused in zip(grants, refusals, strict=True):
         state = CredState.pending
         why, code = "", ""
         decision = decided.get(profile.name)
+        switch = next((k for k in switches if switch_matches(k, task, profile.name)), None)
         if parent is not None and not (
             profile.name in held or (profile.narrows is not None and profile.narrows in held)
         ):
             state, why, code = CredState.denied, "parent does not hold this profile", "parent"
         elif refused is not None:
             state, why, code = CredState.denied, refused, "out_of_scope"
+        elif switch is not None:
+            state, code = CredState.denied, "kill_switch"
+            why = f"kill switch {switch.id} is in force ({describe_match(switch)})"
         elif decision is not None and not decision.allowed:
             state, code = CredState.denied, "policy"
             why = f"mint denied by policy: {decision.reason}"
@@ -425,7 +470,8 @@ def _start(
         cred = Credential(
             tenant=tenant,
             task_id=task.id,
-            grant=grant["name"],
+            grant=name,
+            generation=generation,
             profile=profile.name,
             issuer=profile.issuer,
             state=state,
@@ -465,8 +511,7 @@ def _start(
                 detail=f"mint {decision.reason}"[:2000],
                 now=now,
             )
-    _make_task_ca(session, task, [p for p, c in made if c.state != CredState.denied], now=now)
-    return result
+    return made
 
 
 def _make_task_ca(session: Session, task: Task, profiles: list[Profile], *, now: datetime) -> None:
@@ -695,6 +740,311 @@ def request_revoke(
     return [r[0] for r in rows]
 
 
+# --- kill switches -----------------------------------------------------------
+
+SWITCH_FIELDS = ("tenant", "profile", "workload", "source")
+
+
+def switches_in_force(session: Session, tenant: str | None = None) -> list[KillSwitch]:
+    """The switches not lifted (those that can match `tenant`'s credentials, if given)."""
+    query = select(KillSwitch).where(col(KillSwitch.lifted_at).is_(None))
+    if tenant is not None:
+        query = query.where(or_(col(KillSwitch.tenant).is_(None), col(KillSwitch.tenant) == tenant))
+    return list(session.exec(query.order_by(col(KillSwitch.id))))
+
+
+def switch_matches(switch: KillSwitch, task: Task, profile: str) -> bool:
+    wanted = (switch.tenant, switch.profile, switch.workload, switch.source)
+    have = (task.tenant, profile, task.workload, task.source)
+    return all(w is None or w == h for w, h in zip(wanted, have, strict=True))
+
+
+def describe_match(switch: KillSwitch) -> str:
+    return " ".join(f"{f}={getattr(switch, f)}" for f in SWITCH_FIELDS if getattr(switch, f))
+
+
+def _switch_condition(switch: KillSwitch) -> list[Any]:
+    """SQL conditions on Credential (joined with its Task) for one switch's match."""
+    conditions: list[Any] = []
+    for value, column in (
+        (switch.tenant, Credential.tenant),
+        (switch.profile, Credential.profile),
+        (switch.workload, Task.workload),
+        (switch.source, Task.source),
+    ):
+        if value is not None:
+            conditions.append(column == value)
+    return conditions
+
+
+def _switch_in_force(tenant: str, profile: str, workload: str | None, source: str) -> Any:
+    """EXISTS: a switch in force matches a credential with these (never changing) fields."""
+    return exists().where(
+        col(KillSwitch.lifted_at).is_(None),
+        or_(col(KillSwitch.tenant).is_(None), col(KillSwitch.tenant) == tenant),
+        or_(col(KillSwitch.profile).is_(None), col(KillSwitch.profile) == profile),
+        or_(col(KillSwitch.workload).is_(None), col(KillSwitch.workload) == workload),
+        or_(col(KillSwitch.source).is_(None), col(KillSwitch.source) == source),
+    )
+
+
+def throw_switch(
+    session: Session, match: dict[str, str | None], *, actor: str, now: datetime
+) -> KillSwitch:
+    """A new switch in force: from its commit on, no matching credential is minted (the
+    start refuses it, the activation re-checks). The caller commits, then revokes what
+    matches with revoke_switched, a batch at a time."""
+    if not any(match.get(f) for f in SWITCH_FIELDS):
+        raise LedgerError(422, "a kill switch names at least one of " + ", ".join(SWITCH_FIELDS))
+    switch = KillSwitch(
+        created_at=now,
+        created_by=actor,
+        tenant=match.get("tenant") or None,
+        profile=match.get("profile") or None,
+        workload=match.get("workload") or None,
+        source=match.get("source") or None,
+    )
+    session.add(switch)
+    audit(
+        session,
+        "kill_switch",
+        actor=actor,
+        tenant=switch.tenant,
+        reason="thrown",
+        detail=f"{switch.id} {describe_match(switch)}",
+        now=now,
+    )
+    return switch
+
+
+@dataclass
+class SwitchBatch:
+    to_revoke: list[str]  # enqueue after the commit
+    denied: int
+    more: bool  # read again: the batch was full, or a row moved on meanwhile
+
+
+def revoke_switched(
+    session: Session, switch: KillSwitch, *, actor: str, now: datetime, limit: int = 500
+) -> SwitchBatch:
+    """One batch of what a switch matches: active -> revoking (reason `kill_switch`, the
+    secret destroyed), pending and awaiting_approval -> denied.
+
+    Rows locked by another transaction (an activation in flight) are waited for and
+    re-checked: the state condition is on the update itself."""
+    matching = (
+        select(Credential.id)
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .where(col(Credential.state).in_(LIVE_CRED_STATES), *_switch_condition(switch))
+        .limit(limit)
+    )
+    ids = list(session.exec(matching))
+    if not ids:
+        return SwitchBatch([], 0, more=False)
+    reason = "kill_switch"
+    detail = f"kill switch {switch.id}"
+    revoking = session.execute(
+        update(Credential)
+        .where(col(Credential.id).in_(ids), col(Credential.state) == CredState.active)
+        .values(
+            state=CredState.revoking,
+            revoke_reason=reason,
+            revoke_requested_at=now,
+            sealed_secret=None,
+            next_attempt_at=now + REVOKE_REDRIVE,
+            updated_at=now,
+        )
+        .returning(col(Credential.id), col(Credential.tenant), col(Credential.task_id))
+        .execution_options(synchronize_session=False)
+    ).all()
+    denied = session.execute(
+        update(Credential)
+        .where(col(Credential.id).in_(ids), col(Credential.state).in_(WAITING_CRED_STATES))
+        .values(state=CredState.denied, sealed_secret=None, next_attempt_at=None, updated_at=now)
+        .returning(col(Credential.id), col(Credential.tenant), col(Credential.task_id))
+        .execution_options(synchronize_session=False)
+    ).all()
+    for rows, action in ((revoking, "revoke_requested"), (denied, "denied")):
+        for cred_id, tenant, task_pk in rows:
+            audit(
+                session,
+                action,
+                actor=actor,
+                tenant=tenant,
+                task_id=task_pk,
+                credential_id=cred_id,
+                reason=reason,
+                detail=detail,
+                now=now,
+            )
+    session.execute(
+        update(KillSwitch)
+        .where(col(KillSwitch.id) == switch.id)
+        .values(
+            revoking=KillSwitch.revoking + len(revoking), denied=KillSwitch.denied + len(denied)
+        )
+        .execution_options(synchronize_session=False)
+    )
+    # A row that moved on between the read and the update (an activation, a task's end)
+    # is read again in the next batch.
+    more = len(ids) == limit or len(revoking) + len(denied) < len(ids)
+    return SwitchBatch([r[0] for r in revoking], len(denied), more=more)
+
+
+def switch_progress(session: Session, switch: KillSwitch) -> dict[str, int]:
+    """Where a switch's revocations stand: `remaining` still revoking, `revoked` done,
+    `failed` given up, and `live` matching credentials not yet taken (0 once done)."""
+    counts = dict.fromkeys(("remaining", "revoked", "failed"), 0)
+    rows = session.execute(
+        select(Credential.state, func.count())
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .where(
+            col(Credential.revoke_reason) == "kill_switch",
+            col(Credential.revoke_requested_at) >= switch.created_at,
+            col(Credential.state).in_((CredState.revoking, CredState.revoked, CredState.failed)),
+            *_switch_condition(switch),
+        )
+        .group_by(col(Credential.state))
+    ).all()
+    names = {CredState.revoking: "remaining", CredState.revoked: "revoked"}
+    for state, n in rows:
+        counts[names.get(state, "failed")] += n
+    live = 0
+    if switch.lifted_at is None:
+        live = session.execute(
+            select(func.count())
+            .select_from(Credential)
+            .join(Task, col(Task.id) == col(Credential.task_id))
+            .where(col(Credential.state).in_(LIVE_CRED_STATES), *_switch_condition(switch))
+        ).scalar_one()
+    counts["live"] = live
+    return counts
+
+
+def lift_switch(session: Session, switch_id: str, *, actor: str, now: datetime) -> bool:
+    done = session.execute(
+        update(KillSwitch)
+        .where(col(KillSwitch.id) == switch_id, col(KillSwitch.lifted_at).is_(None))
+        .values(lifted_at=now, lifted_by=actor)
+        .returning(col(KillSwitch.tenant))
+    ).first()
+    if done:
+        audit(
+            session,
+            "kill_switch",
+            actor=actor,
+            tenant=done.tenant,
+            reason="lifted",
+            detail=switch_id,
+            now=now,
+        )
+    return bool(done)
+
+
+# --- rotation and cancel ---------------------------------------------------------
+
+
+def latest_credential(session: Session, task_pk: str, grant: str) -> Credential | None:
+    return session.exec(
+        select(Credential)
+        .where(Credential.task_id == task_pk, Credential.grant == grant)
+        .order_by(col(Credential.generation).desc())
+    ).first()
+
+
+@dataclass
+class Rotation:
+    credential: Credential  # the new generation
+    claim_generation: int
+    to_revoke: list[str]
+    to_mint: list[str]
+    to_ask: list[str]
+
+
+def rotate(
+    session: Session,
+    key: ApiKey,
+    task: Task,
+    grant: str,
+    *,
+    profiles: dict[str, Profile],
+    installation_id: str,
+    now: datetime,
+) -> Rotation:
+    """Revoke a grant's latest credential (reason `rotated`) and create the next
+    generation, decided as a start decides it; the task's claim generation moves on, so
+    every older claim token is refused. `task` is locked by the caller; the caller
+    enqueues after its commit."""
+    if task.state != TaskState.running:
+        raise LedgerError(409, f"the task is {task.state}", state=task.state)
+    old = latest_credential(session, task.id, grant)
+    if old is None:
+        raise LedgerError(404, f"task has no grant {grant!r}")
+    profile = profiles.get(old.profile)
+    if profile is None:
+        raise LedgerError(409, f"profile {old.profile!r} is retired: nothing to mint")
+    revoke = request_revoke(
+        session, credential_id=old.id, reason="rotated", actor=key.name, now=now
+    )
+    generation = session.execute(
+        update(Task)
+        .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
+        .values(claim_generation=col(Task.claim_generation) + 1)
+        .returning(col(Task.claim_generation))
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if generation is None:
+        raise LedgerError(409, "the task has ended")
+    task.claim_generation = generation
+    parent = session.get(Task, task.parent_id) if task.parent_id else None
+    held: set[str] = set()
+    if parent is not None:
+        held = {
+            c.profile
+            for c in task_credentials(session, parent.id)
+            if c.state in (CredState.pending, CredState.active)
+        }
+    max_duration = 1
+    if task.deadline is not None and task.started_at is not None:
+        max_duration = max(1, round((task.deadline - task.started_at).total_seconds()))
+    result = EventResult(task=task, duplicate=False)
+    issue_grants(
+        session,
+        key,
+        task,
+        [(grant, profile, old.generation + 1)],
+        parent=parent,
+        held=held,
+        max_duration=max_duration,
+        installation_id=installation_id,
+        now=now,
+        result=result,
+    )
+    session.flush()
+    new = latest_credential(session, task.id, grant)
+    assert new is not None
+    audit(
+        session,
+        "rotated",
+        actor=key.name,
+        tenant=task.tenant,
+        task_id=task.id,
+        credential_id=new.id,
+        reason="rotated",
+        detail=f"replaces {old.id}; claim tokens before generation {generation} refused",
+        now=now,
+    )
+    return Rotation(new, generation, revoke, result.to_mint, result.to_ask)
+
+
+def cancel_task(session: Session, task: Task, *, actor: str, now: datetime) -> list[str]:
+    """An operator ends a running task as `cancelled` (its emitter key is revoked, or its
+    orchestrator gone); returns the credentials to revoke. 409 if it has ended."""
+    if task.state != TaskState.running:
+        raise LedgerError(409, f"the task is {task.state}", state=task.state)
+    return end_task(session, task, TaskState.cancelled, "cancelled", actor=actor, now=now)
+
+
 # --- approvals -----------------------------------------------------------
 
 MAX_DECISION_REASON = 500
@@ -863,7 +1213,23 @@ def activate(
     token_digest: str | None = None,
 ) -> bool:
     """Pending -> active, for the delivery holding the mint lease; False when the task
-    ended meanwhile (the caller revokes) or another delivery took the lease over."""
+    ended meanwhile (the caller revokes) or another delivery took the lease over.
+
+    A kill switch in force that matches is re-checked in the same compare-and-set: then
+    the row goes to revoking (reason `kill_switch`) with what was minted, and the
+    caller revokes it at once."""
+    fields = session.execute(
+        select(Credential.tenant, Credential.profile, Task.workload, Task.source)
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .where(col(Credential.id) == cred_id)
+    ).first()
+    if fields is None:
+        return False
+    switched = _switch_in_force(*fields)
+
+    def unless_switched(value: Any, column: Any) -> Any:
+        return case((switched, null()), else_=literal(value, type_=column.type))
+
     done = session.execute(
         update(Credential)
         .where(
@@ -872,19 +1238,27 @@ def activate(
             _lease_held(cred_id, token),
         )
         .values(
-            state=CredState.active,
+            state=case(
+                (switched, literal(CredState.revoking.value)),
+                else_=literal(CredState.active.value),
+            ),
+            revoke_reason=case((switched, literal("kill_switch")), else_=null()),
+            revoke_requested_at=case((switched, literal(now, type_=UTCDateTime())), else_=null()),
+            next_attempt_at=case(
+                (switched, literal(now + REVOKE_REDRIVE, type_=UTCDateTime())), else_=null()
+            ),
             backend_ref=ref,
             backend_lease=lease,
             token_digest=token_digest,
-            sealed_secret=sealed_secret,
+            sealed_secret=unless_switched(sealed_secret, col(Credential.sealed_secret)),
             expires_at=expires_at,
             minted_at=now,
-            next_attempt_at=None,
             updated_at=now,
         )
-        .returning(col(Credential.tenant), col(Credential.task_id))
+        .returning(col(Credential.tenant), col(Credential.task_id), col(Credential.state))
+        .execution_options(synchronize_session=False)
     ).first()
-    if done:
+    if done and done.state == CredState.active:
         audit(
             session,
             "minted",
@@ -892,6 +1266,18 @@ def activate(
             tenant=done.tenant,
             task_id=done.task_id,
             credential_id=cred_id,
+            now=now,
+        )
+    elif done:  # minted after a kill switch: taken back at once
+        audit(
+            session,
+            "revoke_requested",
+            actor="system",
+            tenant=done.tenant,
+            task_id=done.task_id,
+            credential_id=cred_id,
+            reason="kill_switch",
+            detail="minted after a kill switch",
             now=now,
         )
     else:  # the task ended: keep the ref so the revoke knows what to remove
@@ -905,7 +1291,7 @@ def activate(
             .values(backend_ref=ref, updated_at=now)
         )
     _release_lease(session, cred_id, token)
-    return bool(done)
+    return done is not None and done.state == CredState.active
 
 
 def _release_lease(session: Session, cred_id: str, token: str) -> None:

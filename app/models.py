@@ -103,6 +103,8 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = _ts(nullable=False)
     revoked_at: datetime | None = _ts()
+    expires_at: datetime | None = _ts()  # None: never; past it the key answers 401
+    last_used_at: datetime | None = _ts()  # kept to the minute (app.api.auth)
     # An emitter's scope (app/scope.py); None means no limit.
     sources: list[str] | None = Field(default=None, sa_column=Column(JSON))
     workloads: list[str] | None = Field(default=None, sa_column=Column(JSON))
@@ -143,6 +145,8 @@ class Task(SQLModel, table=True):
     depth: int = 0
     state: str = Field(max_length=16)
     max_ttl: int | None = None  # smallest max_ttl of its grants' profiles
+    # A rotation moves it on: claim tokens carry it, and older ones are refused.
+    claim_generation: int = 0
     started_at: datetime | None = _ts()
     deadline: datetime | None = _ts()
     ended_at: datetime | None = _ts()
@@ -193,6 +197,27 @@ class Credential(SQLModel, table=True):
     # While pending or revoking: when to enqueue its job again if the row has not
     # moved on by then (the message was lost). None once settled.
     next_attempt_at: datetime | None = _ts()
+
+
+class KillSwitch(SQLModel, table=True):
+    """A kill switch: every credential matching all of its set fields is revoked, and
+    no new one is minted, until it is lifted. None in a field matches anything."""
+
+    __tablename__ = "kill_switches"
+    __table_args__ = (Index("ix_kill_switches_lifted", "lifted_at"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    tenant: str | None = Field(default=None, max_length=128)
+    profile: str | None = Field(default=None, max_length=64)
+    workload: str | None = Field(default=None, max_length=512)
+    source: str | None = Field(default=None, max_length=512)
+    created_at: datetime = _ts(nullable=False)
+    created_by: str = Field(max_length=128)
+    # What throwing it did at once (the answer's counts; progress reads the ledger).
+    revoking: int = 0
+    denied: int = 0
+    lifted_at: datetime | None = _ts()
+    lifted_by: str | None = Field(default=None, max_length=128)
 
 
 class MintLease(SQLModel, table=True):

@@ -102,18 +102,26 @@ def unsign(prefix: str, purpose: bytes, token: str) -> list[Any] | None:
     return payload if isinstance(payload, list) else None
 
 
-def claim_token(tenant: str, task_pk: str) -> str:
-    """A token bound to tenant and task: deterministic, so a repeated start gets the same."""
-    return sign("lhc", CLAIM, [tenant, task_pk])
+def claim_token(tenant: str, task_pk: str, generation: int = 0) -> str:
+    """A token bound to tenant, task and the task's claim generation: deterministic, so
+    a repeated start gets the same; a rotation moves the generation on, and the task
+    refuses older tokens. Generation 0 keeps the original two-field payload."""
+    payload: list[Any] = [tenant, task_pk]
+    if generation:
+        payload.append(generation)
+    return sign("lhc", CLAIM, payload)
 
 
-def read_claim_token(token: str) -> tuple[str, str] | None:
-    """(tenant, task primary key) when the signature holds under any configured key."""
+def read_claim_token(token: str) -> tuple[str, str, int] | None:
+    """(tenant, task primary key, generation) when the signature holds under any
+    configured key."""
     payload = unsign("lhc", CLAIM, token)
-    if payload is None or len(payload) != 2:
+    if payload is None or len(payload) not in (2, 3):
         return None
-    tenant, task_pk = payload
-    return str(tenant), str(task_pk)
+    generation = payload[2] if len(payload) == 3 else 0
+    if not isinstance(generation, int) or isinstance(generation, bool):
+        return None
+    return str(payload[0]), str(payload[1]), generation
 
 
 def hash_api_key(key: str) -> str:

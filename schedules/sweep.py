@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from sqlmodel import Session
 
-from app import ledger, queue
+from app import ledger, queue, switches
 from app.db import session_scope
 from app.logs import log
 from app.models import utcnow
@@ -83,9 +83,19 @@ def _redrive(fetch: Callable[[Session], tuple[list[str], list[str]]], what: str)
     return mints, revokes
 
 
+def enforce_switches() -> int:
+    """What the kill switches in force still match (a request cut short, a credential
+    written while the switch was thrown): revoked or denied now; returns how many."""
+    revoking, denied = switches.enforce_all()
+    if revoking or denied:
+        log.warning("kill switches enforced", extra={"revokes": revoking, "denied": denied})
+    return revoking + denied
+
+
 @job(queue.SWEEP_DEADLINES)
 def sweep_deadlines_task() -> int:
     revokes = sweep_deadlines()
+    enforce_switches()
     redrive_due()
     return revokes
 

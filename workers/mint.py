@@ -84,9 +84,10 @@ def mint(credential_id: str, token: str | None = None) -> str:
         else:
             log.warning("duplicate mint of a live credential", extra=_fields(cred))
         return "duplicate"
-    # The task ended while we minted: take it back now.
+    # The task ended while we minted, or a kill switch matched at the activation: take
+    # it back now.
     observe.minted(cred, duration, "late")
-    log.info("minted after task end; revoking", extra=_fields(cred))
+    log.info("minted after task end or a kill switch; revoking", extra=_fields(cred))
     try:
         issuer.revoke(minted.ref)
     finally:

@@ -12,7 +12,19 @@ from fastapi.openapi.utils import get_openapi
 
 from app import __version__, notify, startup
 from app import policy as cedar_policy
-from app.api import audit, credentials, dashboard, errors, events, limits, metrics, sweeps, tasks
+from app.api import (
+    audit,
+    credentials,
+    dashboard,
+    errors,
+    events,
+    keys,
+    limits,
+    metrics,
+    revocations,
+    sweeps,
+    tasks,
+)
 from app.api import policy as policy_api
 from app.api.schemas import (
     COMMON_ERRORS,
@@ -67,6 +79,8 @@ def create_app() -> FastAPI:
     app.include_router(audit.router)
     app.include_router(metrics.router)
     app.include_router(policy_api.router)
+    app.include_router(revocations.router)
+    app.include_router(keys.router)
     dashboard.install(app)
 
     @app.get("/healthz", tags=["health"], response_model=Health)

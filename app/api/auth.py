@@ -5,19 +5,25 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import Session, select
+from sqlalchemy import or_, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, col, select
 
-from app.db import SessionDep
+from app.db import SessionDep, session_scope
+from app.logs import log
 from app.models import ApiKey, Role, utcnow
 from app.scope import normalise as normalise_scope
 from app.sealing import hash_api_key
 
-_CACHE_SECONDS = 5.0  # a retired key stops working within this
+# A retired key stops working within this on every API process (the contract: 5 s; the
+# margin covers a request in flight). An expired key stops at once: checked per request.
+_CACHE_SECONDS = 4.0
+_LAST_USED_EVERY = timedelta(minutes=1)  # last_used_at is kept to the minute, cheaply
 _cache: dict[str, tuple[float, ApiKey | None]] = {}
 # Names the scheme in /openapi.json; current_key reads the header itself, so a
 # missing or wrong key stays 401 and a key of the wrong role 403.
@@ -40,13 +46,17 @@ def create_key(
     sources: list[str] | None = None,
     workloads: list[str] | None = None,
     profiles: list[str] | None = None,
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key row and its secret (shown once, stored only as a hash).
 
     `sources`, `workloads` and `profiles` limit an emitter key (app/scope.py);
     None means no limit. Raises ValueError naming what is wrong."""
+    now = now or utcnow()
     if role != Role.admin and not tenant:
         raise ValueError(f"a {role} key needs a tenant")
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
+        raise ValueError("expires_at must be a time in the future, with its time zone")
     limits = {
         "sources": normalise_scope("sources", sources),
         "workloads": normalise_scope("workloads", workloads),
@@ -60,7 +70,8 @@ def create_key(
         role=role,
         tenant=None if role == Role.admin else tenant,
         key_hash=hash_api_key(secret),
-        created_at=now or utcnow(),
+        created_at=now,
+        expires_at=expires_at,
         sources=limits["sources"],
         workloads=limits["workloads"],
         profiles=limits["profiles"],
@@ -77,20 +88,63 @@ def bearer(request: Request) -> str | None:
     return value.strip()
 
 
+def retire_key(session: Session, key_id: str, *, now: datetime | None = None) -> ApiKey | None:
+    """Revoke a key (idempotent): every API process refuses it within _CACHE_SECONDS."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return None
+    if key.revoked_at is None:
+        key.revoked_at = now or utcnow()
+    return key
+
+
+def forget(key_hash: str) -> None:
+    """Drop a key from this process's cache (it was just revoked here)."""
+    _cache.pop(key_hash, None)
+
+
 def lookup_key(session: Session, secret: str) -> ApiKey | None:
     digest = hash_api_key(secret)
     hit = _cache.get(digest)
     if hit is not None and hit[0] > time.monotonic():
-        return hit[1]
-    key = session.exec(
-        select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at == None)  # noqa: E711
-    ).first()
-    if key is not None:
-        session.expunge(key)
-    if len(_cache) > 10_000:
-        _cache.clear()
-    _cache[digest] = (time.monotonic() + _CACHE_SECONDS, key)
+        key = hit[1]
+    else:
+        key = session.exec(
+            select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at == None)  # noqa: E711
+        ).first()
+        if key is not None:
+            session.expunge(key)
+            _touch(key)
+        if len(_cache) > 10_000:
+            _cache.clear()
+        _cache[digest] = (time.monotonic() + _CACHE_SECONDS, key)
+    if key is not None and key.expires_at is not None and key.expires_at <= utcnow():
+        return None
     return key
+
+
+def _touch(key: ApiKey) -> None:
+    """last_used_at, at most once a minute per key (and per cache miss): best effort,
+    in a unit of work of its own; a busy ledger never fails the request for it."""
+    now = utcnow()
+    if key.last_used_at is not None and key.last_used_at > now - _LAST_USED_EVERY:
+        return
+    try:
+        with session_scope() as session:
+            session.execute(
+                update(ApiKey)
+                .where(
+                    col(ApiKey.id) == key.id,
+                    or_(
+                        col(ApiKey.last_used_at).is_(None),
+                        col(ApiKey.last_used_at) <= now - _LAST_USED_EVERY,
+                    ),
+                )
+                .values(last_used_at=now)
+            )
+        key.last_used_at = now
+    except SQLAlchemyError as exc:
+        log.warning("could not record a key's last use", extra={"error": type(exc).__name__})
 
 
 def current_key(

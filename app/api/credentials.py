@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session, col, select
 
 from app import identity, ledger, notify, observe, policy, sealing
-from app.api.auth import OperatorKey, bearer, tenant_scope
+from app.api.auth import EmitterKey, OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
 from app.api.paths import TASK_ID, raw_segment
@@ -35,7 +35,7 @@ from app.db import SessionDep, get_engine
 from app.logs import log
 from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
 from app.profiles import get_profiles
-from app.queue import enqueue_mint, enqueue_revoke
+from app.queue import enqueue_approval_request, enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
 router = APIRouter(tags=["credentials"])
@@ -110,6 +110,7 @@ class Claimant:
     tenant: str
     task_pk: str
     subject: str | None = None
+    generation: int = 0  # a claim token's; a JWT proves the workload instead
 
     @property
     def actor(self) -> str:
@@ -195,6 +196,9 @@ def _try_claim(claimant: Claimant, task_name: str, grant: str) -> tuple[int, dic
             return 403, {"error": "this claim token is not valid for this task"}
         if claimant.subject is not None and task.workload != claimant.subject:
             return 403, {"error": JWT_REFUSED}
+        if claimant.subject is None and claimant.generation != task.claim_generation:
+            # A rotation made a new token: whoever holds an older one gets nothing.
+            return 403, {"error": "this claim token was replaced by a rotation"}
         cred = _latest(session, claimant.task_pk, grant)
         if cred is None:
             return 404, {"error": f"task has no grant {grant!r}"}
@@ -282,7 +286,7 @@ async def claim(
         bound = sealing.read_claim_token(token) if token else None
         if bound is None:
             raise ApiError(403, "a valid claim token is required")
-        claimant = Claimant(tenant=bound[0], task_pk=bound[1])
+        claimant = Claimant(tenant=bound[0], task_pk=bound[1], generation=bound[2])
     deadline = time.monotonic() + wait
     status, body = await run_in_threadpool(_try_claim, claimant, task_name, grant)
     if status == 409 and wait > 0:
@@ -319,6 +323,72 @@ def _cred_id(task_pk: str, grant: str) -> str | None:
     with Session(get_engine()) as session:
         cred = _latest(session, task_pk, grant)
         return cred.id if cred else None
+
+
+class RotateOut(BaseModel):
+    """A rotation's answer: the new credential (its state) and the task's new claim token."""
+
+    id: str
+    grant: str
+    state: CredState
+    claim_token: str
+
+
+def _rotate(key: ApiKey, task_name: str, grant: str) -> tuple[ledger.Rotation, str]:
+    with Session(get_engine(), expire_on_commit=False) as session:
+        task = ledger.find_task(session, key.tenant or "", task_name, lock=True)
+        if task is None:
+            raise ApiError(404, f"no task {task_name!r}")
+        if task.owner_key_id != key.id:
+            raise ApiError(403, "this task belongs to another emitter key")
+        try:
+            done = ledger.rotate(
+                session,
+                key,
+                task,
+                grant,
+                profiles=get_profiles(),
+                installation_id=ledger.installation_id(),
+                now=utcnow(),
+            )
+        except ledger.LedgerError as exc:
+            raise ApiError(exc.status, exc.message, **exc.extra) from None
+        session.commit()
+        token = sealing.claim_token(task.tenant, task.id, done.claim_generation)
+        return done, token
+
+
+@router.post(
+    "/v1/tasks/{task_id:path}/credentials/{grant}/rotate",
+    response_class=ApiJSON,
+    status_code=202,
+    response_model=RotateOut,
+    responses=errors(401, 403, 404, 409, 422),
+)
+def rotate_credential(
+    request: Request, key: EmitterKey, task_id: Annotated[str, TASK_ID], grant: str
+) -> ApiJSON:
+    """Revoke a grant's credential (reason `rotated`) and mint a fresh one: the answer's
+    claim token replaces the task's older ones, which are refused from now on."""
+    task_name = raw_segment(request, 2)
+    grant = raw_segment(request, 4)
+    done, token = _rotate(key, task_name, grant)
+    enqueue_revoke(done.to_revoke)  # after the commit, as for events
+    enqueue_mint(done.to_mint)
+    enqueue_approval_request(done.to_ask)
+    for cred_id in done.to_revoke:
+        notify.credential_changed(cred_id)
+    log.info("rotated", extra={"credential": done.credential.id, "by": key.name})
+    return ApiJSON(
+        {
+            "id": done.credential.id,
+            "grant": done.credential.grant,
+            "state": done.credential.state,
+            "claim_token": token,
+        },
+        status_code=202,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @router.get(

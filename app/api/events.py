@@ -256,7 +256,7 @@ def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) 
         "claim_token": None,
     }
     if event.type == "task.started":
-        answer["claim_token"] = sealing.claim_token(task.tenant, task.id)
+        answer["claim_token"] = sealing.claim_token(task.tenant, task.id, task.claim_generation)
     return answer
 
 

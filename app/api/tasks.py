@@ -8,20 +8,23 @@ from fastapi import APIRouter, Query, Request
 from sqlmodel import Session, select
 
 from app import ledger
-from app.api.auth import ReaderKey, tenant_scope
+from app.api.auth import OperatorKey, ReaderKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
 from app.api.paths import TASK_ID, raw_segment
 from app.api.schemas import (
     ApiJSON,
+    TaskBrief,
     TaskDetail,
     TaskPage,
     credential_view,
     errors,
     task_view,
 )
-from app.db import SessionDep
-from app.models import ApiKey, Task, TaskState
+from app.db import SessionDep, get_engine
+from app.logs import log
+from app.models import ApiKey, Task, TaskState, utcnow
+from app.queue import enqueue_revoke
 
 router = APIRouter(tags=["tasks"], responses=errors(401, 403, 422))
 
@@ -63,6 +66,46 @@ def get_task(
 ) -> ApiJSON:
     task = visible_task(session, key, raw_segment(request, 2), tenant)
     return ApiJSON(full_task_view(session, task))
+
+
+def _cancel(key: ApiKey, name: str, tenant: str | None) -> tuple[Task, list[str]]:
+    with Session(get_engine(), expire_on_commit=False) as session:
+        task = visible_task(session, key, name, tenant)
+        locked = ledger.find_task(session, task.tenant, task.name, lock=True)
+        assert locked is not None
+        try:
+            revoke = ledger.cancel_task(session, locked, actor=key.name, now=utcnow())
+        except ledger.LedgerError as exc:
+            raise ApiError(exc.status, exc.message, **exc.extra) from None
+        session.commit()
+        return locked, revoke
+
+
+@router.post(
+    "/v1/tasks/{task_id:path}/cancel",
+    response_class=ApiJSON,
+    status_code=202,
+    response_model=TaskBrief,
+    responses=errors(404, 409),
+)
+def cancel_task(
+    request: Request,
+    key: OperatorKey,
+    task_id: Annotated[str, TASK_ID],  # documented; read undecoded below
+    tenant: str | None = None,
+) -> ApiJSON:
+    """End a running task as `cancelled` and revoke its credentials: for a task whose
+    emitter key was revoked or whose orchestrator is gone. Who did it is in the audit."""
+    if raw_segment(request, 3) != "cancel":  # e.g. .../credentials/x/cancel: no such route
+        raise ApiError(404, "no such route")
+    task, revoke = _cancel(key, raw_segment(request, 2), tenant)
+    enqueue_revoke(revoke)  # after the commit
+    log.info("task cancelled", extra={"task": task.id, "by": key.name, "revokes": len(revoke)})
+    view = task_view(task)
+    return ApiJSON(
+        {"id": view["id"], "state": view["state"], "deadline": view["deadline"]},
+        status_code=202,
+    )
 
 
 @router.get("/v1/tasks", response_class=ApiJSON, response_model=TaskPage)

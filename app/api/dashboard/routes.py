@@ -1,4 +1,5 @@
-"""/dashboard's pages and forms: sign-in and -out, the live view, revoke, approve and deny.
+"""/dashboard's pages and forms: sign-in and -out, the live view, revoke, approve and deny,
+and the kill switch (throw, lift).
 
 Sign-in exchanges an operator or admin key for a session cookie (sessions.py:
 HttpOnly, SameSite=Strict, 8 hours, Secure over https, Path=/dashboard so it
@@ -21,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from app import ledger, overview, policy
 from app.api.auth import lookup_key
@@ -43,8 +44,11 @@ from app.api.dashboard.sessions import (
 )
 from app.api.errors import ApiError
 from app.api.limits import MAX_FORM_BODY
+from app.api.revocations import SwitchIn, switch_view
+from app.api.revocations import lift as lift_switch
+from app.api.revocations import throw as throw_switch
 from app.db import SessionDep, get_engine
-from app.models import Credential, CredState, Role, Task, utcnow
+from app.models import Credential, CredState, KillSwitch, Role, Task, utcnow
 from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]  # app/
@@ -138,6 +142,15 @@ def _policy_line() -> dict[str, Any]:
     }
 
 
+def _switches(session: Session, scope: str | None) -> list[dict[str, Any]]:
+    """The kill switches in force (a tenant's, or all for an admin), with progress."""
+    query = select(KillSwitch).where(col(KillSwitch.lifted_at).is_(None))
+    if scope is not None:
+        query = query.where(KillSwitch.tenant == scope)
+    rows = session.exec(query.order_by(col(KillSwitch.id).desc()).limit(50))
+    return [switch_view(session, s) for s in rows]
+
+
 def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
     now = utcnow()
     alert_after = get_settings().revoke_alert_after
@@ -151,6 +164,7 @@ def snapshot(session: Session, scope: str | None) -> dict[str, Any]:
         "recent": overview.recent_revocations(session, tenant=scope),
         "failing": overview.failing_revocations(session, tenant=scope, alert_after=alert_after),
         "policy": _policy_line(),
+        "switches": _switches(session, scope),
         **_slow_parts(session, scope, now),
     }
 
@@ -166,6 +180,7 @@ def dashboard(
     revoked: str | None = None,
     approved: str | None = None,
     denied: str | None = None,
+    switch: str | None = None,
 ) -> Response:
     viewer = viewer_of(request, session)
     if viewer is None:
@@ -178,6 +193,8 @@ def dashboard(
         notice = "Approved; the credential is being minted for its task."
     elif denied:
         notice = "Denied; the credential will never be minted."
+    elif switch in SWITCH_NOTICES:
+        notice = SWITCH_NOTICES[switch]
     query = urlencode({"tenant": scope}) if viewer.key.role == Role.admin and scope else ""
     return _page(
         request,
@@ -404,6 +421,69 @@ async def approve(request: Request, credential_id: str) -> Response:
 @router.post("/credentials/{credential_id}/deny")
 async def deny(request: Request, credential_id: str) -> Response:
     return await _decision(request, credential_id, approve=False)
+
+
+# --- the kill switch -----------------------------------------------------------
+
+SWITCH_NOTICES = {
+    "thrown": "Kill switch thrown: what it matches is being revoked (see its progress "
+    "below); new mints for the match are refused until it is lifted.",
+    "lifted": "Kill switch lifted: matching credentials may be minted again.",
+}
+
+
+def _switch_action(
+    request: Request, form: dict[str, str], switch_id: str | None
+) -> tuple[int, str]:
+    """Throw (switch_id None) or lift a switch through the API's own endpoints."""
+    with Session(get_engine(), expire_on_commit=False) as session:
+        viewer = viewer_of(request, session)
+        if viewer is None:
+            return 401, "Sign in again."
+        if not csrf_ok(viewer.nonce, form.get("csrf")):
+            return 403, "Refused: missing or wrong CSRF token."
+        try:
+            if switch_id is not None:
+                lift_switch(switch_id, viewer.key, session)
+                return 200, "lifted"
+            fields = {f: form.get(f, "").strip() or None for f in ledger.SWITCH_FIELDS}
+            try:
+                body = SwitchIn(**fields)
+            except ValidationError as exc:
+                return 422, "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            throw_switch(body, viewer.key)
+        except ApiError as exc:
+            return exc.status, exc.message
+    return 200, "thrown"
+
+
+async def _switch_form(request: Request, switch_id: str | None) -> Response:
+    form = await _form(request)
+    if not _same_origin(request):
+        return _page(
+            request,
+            "message.html",
+            status=403,
+            title="Refused",
+            message="Cross-site request refused.",
+        )
+    status, message = await run_in_threadpool(_switch_action, request, form, switch_id)
+    if status == 200:
+        return _to(f"/dashboard?{urlencode({'switch': message})}")
+    if status == 401:
+        return _to("/dashboard/login")
+    title = "Not lifted" if switch_id else "Not thrown"
+    return _page(request, "message.html", status=status, title=title, message=message)
+
+
+@router.post("/revocations")
+async def throw(request: Request) -> Response:
+    return await _switch_form(request, None)
+
+
+@router.post("/revocations/{switch_id}/lift")
+async def lift(request: Request, switch_id: str) -> Response:
+    return await _switch_form(request, switch_id)
 
 
 def install(app: FastAPI) -> None:
