@@ -160,6 +160,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     get_settings.cache_clear()
     upgrade()
+    SESSION_ENV.update(os.environ)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -206,15 +207,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 INSTALLATION: dict[str, str] = {}
+SESSION_ENV: dict[str, str] = {}  # os.environ as pytest_configure left it
 
 
 @pytest.fixture(scope="session")
 def installation_id() -> str:
-    from app import ledger
-    from app.db import session_scope
-
-    with session_scope() as session:
-        INSTALLATION["id"] = ledger.installation(session).id
+    # The session ledger by name: a module's private ledger may hold os.environ when a
+    # session fixture is first asked for.
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{LEDGER_DB}") as conn:
+        row = conn.execute("SELECT id FROM installation").fetchone()
+    assert row is not None
+    INSTALLATION["id"] = str(row[0])
     return INSTALLATION["id"]
 
 
@@ -228,13 +231,15 @@ def home() -> Path:
     return HOME
 
 
-def start_worker(name: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    name: str, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", *extra],
         cwd=ROOT,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
-        env={**os.environ},
+        env={**(env if env is not None else os.environ)},
     )
     end = time.monotonic() + 30
     while time.monotonic() < end:
@@ -261,7 +266,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 def worker(installation_id: str) -> Iterator[Path]:
     """A real Celery worker (two processes, the scheduler inside) on the real broker."""
     log = HOME / "worker.log"
-    proc = start_worker("main", log, "--concurrency", "2", "--beat")
+    # The session's own environment, whenever this is first asked for.
+    proc = start_worker("main", log, "--concurrency", "2", "--beat", env=SESSION_ENV)
     yield log
     stop_process(proc)
 

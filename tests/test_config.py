@@ -782,7 +782,7 @@ def test_compose_runs_the_commands_and_settings_the_readme_documents() -> None:
         name: s["command"] for name, s in services.items() if s.get("image") == "leasehold:local"
     }
     assert "ENTRYPOINT" not in (ROOT / "Dockerfile").read_text()  # commands run as written
-    assert set(runs) == {"secrets", "migrate", "api", "worker", "worker-revoke", "beat"}
+    assert set(runs) == {"secrets", "migrate", "api", "worker", "worker-revoke", "beat", "proxy"}
     assert services["secrets"]["entrypoint"] == ["python", "-c"]  # the generator
     for name in runs.keys() - {"secrets"}:
         check_command(runs[name], name)
