@@ -17,9 +17,9 @@ from sqlalchemy import delete, exists, func, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from app import policy, scope, sealing
-from app.issuers.base import mark
-from app.models import (
+from app.authority import policy, scope
+from app.core import sealing
+from app.core.models import (
     LIVE_CRED_STATES,
     SETTLED_CRED_STATES,
     ApiKey,
@@ -35,10 +35,11 @@ from app.models import (
     TaskState,
     utcnow,
 )
+from app.core.redact import LONG_TEXT, clip
+from app.core.settings import get_settings
+from app.issuers.base import mark
 from app.profiles import Profile, ProxyProfile
 from app.proxy.ca import make_ca, upstream_host
-from app.redact import LONG_TEXT, clip
-from app.settings import get_settings
 
 TERMINAL_EVENTS = {
     "task.succeeded": (TaskState.succeeded, "succeeded"),
@@ -114,7 +115,7 @@ def installation_id() -> str:
 
 @lru_cache
 def _installation_id(url: str) -> str:
-    from app.db import session_scope  # the one read of its own: the ledger owns the row
+    from app.core.db import session_scope  # the one read of its own: the ledger owns the row
 
     with session_scope() as session:
         return installation(session).id

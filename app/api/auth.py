@@ -12,10 +12,10 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
 
-from app.db import SessionDep
-from app.models import ApiKey, Role, utcnow
-from app.scope import normalise as normalise_scope
-from app.sealing import hash_api_key
+from app.authority.scope import normalise as normalise_scope
+from app.core.db import SessionDep
+from app.core.models import ApiKey, Role, utcnow
+from app.core.sealing import hash_api_key
 
 _CACHE_SECONDS = 5.0  # a retired key stops working within this
 _cache: dict[str, tuple[float, ApiKey | None]] = {}
@@ -43,7 +43,7 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """A new key row and its secret (shown once, stored only as a hash).
 
-    `sources`, `workloads` and `profiles` limit an emitter key (app/scope.py);
+    `sources`, `workloads` and `profiles` limit an emitter key (app/authority/scope.py);
     None means no limit. Raises ValueError naming what is wrong."""
     if role != Role.admin and not tenant:
         raise ValueError(f"a {role} key needs a tenant")

@@ -20,8 +20,8 @@ from app.api.schemas import (
     errors,
     task_view,
 )
-from app.db import SessionDep
-from app.models import ApiKey, Task, TaskState
+from app.core.db import SessionDep
+from app.core.models import ApiKey, Task, TaskState
 
 router = APIRouter(tags=["tasks"], responses=errors(401, 403, 422))
 

@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from app import ledger, overview, policy
+from app import ledger
 from app.api.auth import lookup_key
 from app.api.credentials import (
     DecisionIn,
@@ -43,9 +43,11 @@ from app.api.dashboard.sessions import (
 )
 from app.api.errors import ApiError
 from app.api.limits import MAX_FORM_BODY
-from app.db import SessionDep, get_engine
-from app.models import Credential, CredState, Role, Task, utcnow
-from app.settings import get_settings
+from app.authority import policy
+from app.core.db import SessionDep, get_engine
+from app.core.models import Credential, CredState, Role, Task, utcnow
+from app.core.settings import get_settings
+from app.observability import overview
 
 ROOT = Path(__file__).resolve().parents[2]  # app/
 router = APIRouter(prefix="/dashboard", include_in_schema=False)

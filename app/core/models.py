@@ -103,7 +103,7 @@ class ApiKey(SQLModel, table=True):
     key_hash: str = Field(max_length=64, unique=True)
     created_at: datetime = _ts(nullable=False)
     revoked_at: datetime | None = _ts()
-    # An emitter's scope (app/scope.py); None means no limit.
+    # An emitter's scope (app/authority/scope.py); None means no limit.
     sources: list[str] | None = Field(default=None, sa_column=Column(JSON))
     workloads: list[str] | None = Field(default=None, sa_column=Column(JSON))
     profiles: list[str] | None = Field(default=None, sa_column=Column(JSON))
@@ -210,7 +210,7 @@ class MintLease(SQLModel, table=True):
 
 class TaskCA(SQLModel, table=True):
     """A task's forward-mode CA (app/proxy/ca.py): its certificate, and its key sealed
-    (app/sealing.py) until the task ends, when the key is destroyed."""
+    (app/core/sealing.py) until the task ends, when the key is destroyed."""
 
     __tablename__ = "task_cas"
 
