@@ -17,7 +17,7 @@ from typing import Any
 
 import rfc8785
 
-from app.models import AuditEntry
+from app.core.models import AuditEntry
 
 GENESIS = "0" * 64
 FIELDS = ("id", "at", "tenant", "actor", "action", "task", "credential", "reason", "detail")

@@ -19,9 +19,9 @@ import typer
 from pydantic import ValidationError
 
 from app import oncall
-from app.models import Role
-from app.redact import clip
-from app.settings import Settings, get_settings
+from app.core.models import Role
+from app.core.redact import clip
+from app.core.settings import Settings, get_settings
 
 # No local variables in tracebacks: they may hold secrets (typer < 0.13 shows them).
 # Shell completion: `leasehold --install-completion` (typer's).
@@ -77,7 +77,7 @@ def settings() -> Settings:
 
 
 def _checked_profiles() -> None:
-    from app.db import session_scope
+    from app.core.db import session_scope
     from app.profiles import ProfileError
     from app.startup import check
 
@@ -90,7 +90,7 @@ def _checked_profiles() -> None:
 
 def _checked_policy() -> None:
     """An invalid policy file refuses the start with its message (the API warns if none)."""
-    from app import policy
+    from app.authority import policy
 
     path = settings().policy_file
     if path.exists():
@@ -104,7 +104,7 @@ def _checked_policy() -> None:
 def db_upgrade() -> None:
     """Apply the Alembic migrations."""
     settings()
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     try:
         upgrade()
@@ -133,7 +133,7 @@ def _expiry(text: str) -> datetime:
     """`--expires`: a duration from now (`90m`, `12h`, `30d`) or an ISO 8601 time."""
     import re
 
-    from app.models import utcnow
+    from app.core.models import utcnow
 
     found = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if found:
@@ -178,7 +178,7 @@ def keys_create(
     from sqlalchemy.exc import IntegrityError
 
     from app.api.auth import create_key
-    from app.db import session_scope
+    from app.core.db import session_scope
 
     try:
         with session_scope() as session:
@@ -205,9 +205,9 @@ def keys_list() -> None:
     settings()
     from sqlmodel import col, select
 
-    from app.db import session_scope
-    from app.models import ApiKey, utcnow
-    from app.scope import describe as describe_scope
+    from app.authority.scope import describe as describe_scope
+    from app.core.db import session_scope
+    from app.core.models import ApiKey, utcnow
 
     with session_scope() as session:
         rows = session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all()
@@ -235,8 +235,8 @@ def keys_revoke(name: str) -> None:
     settings()
     from sqlmodel import select
 
-    from app.db import session_scope
-    from app.models import ApiKey, utcnow
+    from app.core.db import session_scope
+    from app.core.models import ApiKey, utcnow
 
     with session_scope() as session:
         key = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
@@ -301,9 +301,9 @@ def audit_status(
     settings()
     from sqlmodel import col, func, select
 
-    from app.db import session_scope
+    from app.core.db import session_scope
+    from app.core.models import AuditEntry
     from app.ledger import audit_export_head
-    from app.models import AuditEntry
     from schedules.audit_export import ExportError, read_tail
 
     with session_scope() as session:
@@ -424,7 +424,7 @@ def worker(
     """A Celery worker (revocations first)."""
     s = settings()
     _checked_profiles()
-    from app.logs import configure_logging
+    from app.core.logs import configure_logging
     from app.queue import celery_app
 
     configure_logging(s)
@@ -454,7 +454,7 @@ def beat_cmd() -> None:
     """The Celery beat scheduler: deadline sweeps and re-drives."""
     s = settings()
     import schedules.beat  # noqa: F401  (installs the schedule)
-    from app.logs import configure_logging
+    from app.core.logs import configure_logging
     from app.queue import celery_app
 
     configure_logging(s)
@@ -661,7 +661,7 @@ def revoke_switch(
 def status() -> None:
     """Tasks and credentials at a glance (reads the ledger)."""
     settings()
-    from app.db import session_scope
+    from app.core.db import session_scope
     from app.status import render_status
 
     _ledger_ready()
@@ -676,8 +676,8 @@ def _ledger_ready() -> None:
     from alembic.script import ScriptDirectory
     from sqlalchemy.exc import SQLAlchemyError
 
-    from app.db import get_engine
-    from app.migrate import alembic_config
+    from app.core.db import get_engine
+    from app.core.migrate import alembic_config
 
     try:
         with get_engine().connect() as conn:
@@ -693,7 +693,7 @@ def _ledger_ready() -> None:
 @cli.command()
 def sweep() -> None:
     """Run the reconciliation once (after the deadline sweep), and print what it found."""
-    from app.logs import configure_logging
+    from app.core.logs import configure_logging
 
     configure_logging(settings())
     from schedules.reconcile import reconcile, render_report
@@ -710,8 +710,8 @@ def sweep() -> None:
 def webhook_secret(profile: str) -> None:
     """Print the key PROFILE's approval webhook is signed with, for its receiver."""
     settings()
+    from app.core.sealing import webhook_key
     from app.profiles import ProfileError, get_profiles
-    from app.sealing import webhook_key
 
     try:
         found = get_profiles().get(profile)
@@ -728,7 +728,7 @@ def up(
     port: Annotated[int, typer.Option()] = 8700,
 ) -> None:
     """Everything on one machine: ledger, API, worker with scheduler, and OpenBao dev."""
-    from app.embedded import run_everything
+    from app.local.embedded import run_everything
 
     raise typer.Exit(run_everything(settings(), host=host, port=port))
 

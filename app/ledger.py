@@ -17,9 +17,9 @@ from sqlalchemy import case, delete, exists, func, literal, null, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from app import policy, scope, sealing
-from app.issuers.base import mark
-from app.models import (
+from app.authority import policy, scope
+from app.core import sealing
+from app.core.models import (
     LIVE_CRED_STATES,
     SETTLED_CRED_STATES,
     WAITING_CRED_STATES,
@@ -38,10 +38,11 @@ from app.models import (
     UTCDateTime,
     utcnow,
 )
+from app.core.redact import LONG_TEXT, clip
+from app.core.settings import get_settings
+from app.issuers.base import mark
 from app.profiles import Profile, ProxyProfile
 from app.proxy.ca import make_ca, upstream_host
-from app.redact import LONG_TEXT, clip
-from app.settings import get_settings
 
 TERMINAL_EVENTS = {
     "task.succeeded": (TaskState.succeeded, "succeeded"),
@@ -117,7 +118,7 @@ def installation_id() -> str:
 
 @lru_cache
 def _installation_id(url: str) -> str:
-    from app.db import session_scope  # the one read of its own: the ledger owns the row
+    from app.core.db import session_scope  # the one read of its own: the ledger owns the row
 
     with session_scope() as session:
         return installation(session).id

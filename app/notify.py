@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import redis
 import redis.asyncio as aioredis
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 logger = logging.getLogger(__name__)
 _clients: dict[int, redis.Redis] = {}

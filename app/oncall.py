@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 import typer
 
-from app.models import CredState, TaskState
+from app.core.models import CredState, TaskState
 from app.status import printable
 
 ENV_HELP = "Talks to the API at LEASEHOLD_URL with the key in LEASEHOLD_KEY."

@@ -287,7 +287,7 @@ _cache: dict[Path, tuple[float, dict[str, Profile]]] = {}
 
 def get_profiles(path: Path | None = None) -> dict[str, Profile]:
     """The profiles file, parsed once per process and again when it changes on disk."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     path = (path or get_settings().profiles_file).resolve()
     try:

@@ -11,7 +11,7 @@ from celery import Celery
 from celery.signals import celeryd_init, worker_process_init
 from kombu import Exchange, Queue
 
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
 
 MINT_QUEUE = "mint"
 REVOKE_QUEUE = "revoke"  # revocations and sweeps: never behind mints
@@ -101,7 +101,7 @@ configure(celery_app, get_settings())
 @worker_process_init.connect
 def _fresh_pools(**_: object) -> None:
     """Pools never survive fork: each worker process opens its own."""
-    from app.db import dispose_engines
+    from app.core.db import dispose_engines
     from app.issuers import close_all
 
     dispose_engines()
@@ -111,7 +111,7 @@ def _fresh_pools(**_: object) -> None:
 @celeryd_init.connect
 def _error_reporting(**_: object) -> None:
     """Sentry in the worker's main process, before the pool forks (its children inherit it)."""
-    from app.errors_reporting import init_sentry
+    from app.observability.sentry import init_sentry
 
     init_sentry(get_settings(), component="worker")
 

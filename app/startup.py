@@ -6,9 +6,9 @@ import logging
 
 from sqlmodel import Session, col, func, select
 
-from app.models import UNSETTLED_CRED_STATES, Credential
+from app.core.models import UNSETTLED_CRED_STATES, Credential
+from app.core.settings import Settings, get_settings
 from app.profiles import Profile, ProfileError, ProxyProfile, get_profiles, webhook_url_problem
-from app.settings import Settings, get_settings
 
 logger = logging.getLogger("leasehold")
 

@@ -6,9 +6,9 @@ import unicodedata
 
 from sqlmodel import Session
 
-from app import overview
-from app.models import utcnow
-from app.settings import get_settings
+from app.core.models import utcnow
+from app.core.settings import get_settings
+from app.observability import overview
 
 # Controls, format characters (bidi overrides, zero-width) and separators: nothing an
 # emitter writes may move the cursor, recolour or retitle an operator's terminal.

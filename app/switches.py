@@ -8,8 +8,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from app import ledger
-from app.db import session_scope
-from app.models import KillSwitch, utcnow
+from app.core.db import session_scope
+from app.core.models import KillSwitch, utcnow
 from app.queue import enqueue_revoke
 
 BATCH = 500

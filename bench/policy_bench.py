@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import policy
+from app.authority import policy
 
 
 def policies(count: int) -> str:
-    parts = [(Path(policy.__file__).parent / "sample" / "policies.cedar").read_text()]
+    parts = [(Path(policy.__file__).parent.parent / "sample" / "policies.cedar").read_text()]
     for i in range(count):
         parts.append(
             f'@id("p{i}")\npermit (principal, action, resource == Profile::"profile-{i}")\n'

@@ -100,7 +100,7 @@ def timed(fn: Callable[[Any], Any]) -> tuple[float, Any]:
     """Median milliseconds of fn(session), each run rolled back; and the last result."""
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     times, result = [], None
     for _ in range(REPEAT):
@@ -117,7 +117,7 @@ def plans(fn: Callable[[Any], Any]) -> list[str]:
     from sqlalchemy import event
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     engine = get_engine()
     seen: list[tuple[str, Any]] = []
@@ -164,8 +164,8 @@ def main() -> None:
         LEASEHOLD_DATABASE_URL=url, LEASEHOLD_HOME=tempfile.mkdtemp(prefix="leasehold-bench-")
     )
     from app import ledger
-    from app.migrate import upgrade
-    from app.models import utcnow
+    from app.core.migrate import upgrade
+    from app.core.models import utcnow
     from schedules.reconcile import BATCH
 
     upgrade()
@@ -220,7 +220,7 @@ def main() -> None:
                 }
     finally:
         if not args.keep:
-            from app.db import dispose_engines
+            from app.core.db import dispose_engines
 
             dispose_engines()
             with psycopg.connect(f"{args.pg}/postgres", autocommit=True) as admin:

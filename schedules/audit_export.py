@@ -23,10 +23,10 @@ from sqlmodel import Session, col, select
 
 from app import ledger, queue
 from app.audit_chain import GENESIS, encode, link, record
-from app.db import session_scope
-from app.logs import log
-from app.models import AuditEntry, Task
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import AuditEntry, Task
+from app.core.settings import get_settings
 from schedules.lock import ledger_lock
 from workers.job import job
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.core.settings import get_settings
 from app.queue import (
     AUDIT_EXPORT,
     PURGE,
@@ -11,7 +12,6 @@ from app.queue import (
     SWEEP_DEADLINES,
     celery_app,
 )
-from app.settings import get_settings
 
 AUDIT_EXPORT_INTERVAL = 2.0
 

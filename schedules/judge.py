@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from app.core.models import CredState, TaskState
 from app.issuers.base import MarkedObject
 from app.ledger import HeldRow
-from app.models import CredState, TaskState
 
 # Clock differences between processes (a row's minted_at is written after its object
 # exists); also: rows due to expire about now are the deadline sweep's, not "vanished".

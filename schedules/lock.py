@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from app.db import get_engine
-from app.logs import log
-from app.settings import get_settings
+from app.core.db import get_engine
+from app.core.logs import log
+from app.core.settings import get_settings
 
 
 def _key(name: str) -> int:

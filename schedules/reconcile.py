@@ -29,17 +29,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from app import ledger, observe
-from app.db import session_scope
+from app import ledger
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import utcnow
+from app.core.redact import clip
+from app.core.settings import Settings, get_settings
 from app.issuers import backend_identity, get_issuer
 from app.issuers.base import BackendIdentity, Issuer, IssuerError, MarkedObject
 from app.ledger import HeldRow, installation_id
-from app.logs import log
-from app.models import utcnow
+from app.observability import observe
 from app.profiles import Profile, get_profiles
 from app.queue import RECONCILE, enqueue_extend, enqueue_revoke
-from app.redact import clip
-from app.settings import Settings, get_settings
 from schedules.judge import MARGIN, Act, expiry_lags, judge, vanished
 from schedules.lock import LOCK_KEY, sweep_lock
 from schedules.report import DETAIL_LIMIT, SweepReport, render_report

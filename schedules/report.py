@@ -7,15 +7,15 @@ from typing import Any
 
 from sqlmodel import Field
 
-from app.logs import log
-from app.models import SWEEP_COUNTS, SweepCounts
-from app.redact import clip
+from app.core.logs import log
+from app.core.models import SWEEP_COUNTS, SweepCounts
+from app.core.redact import clip
 
 DETAIL_LIMIT = 100  # items kept per list in a sweep's detail
 
 
 class SweepReport(SweepCounts):
-    """One run; its counters are SweepCounts' (app/models.py), its detail free-form."""
+    """One run; its counters are SweepCounts' (app/core/models.py), its detail free-form."""
 
     skipped: bool = False
     id: str | None = None

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from app import ledger, queue
-from app.db import session_scope
-from app.logs import log
-from app.models import utcnow
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import utcnow
+from app.core.settings import get_settings
 from workers.job import job
 
 BATCH = 500

@@ -14,11 +14,11 @@ from datetime import timedelta
 from sqlmodel import Session
 
 from app import ledger, queue, switches
-from app.db import session_scope
-from app.logs import log
-from app.models import utcnow
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import utcnow
+from app.core.settings import get_settings
 from app.queue import enqueue_mint, enqueue_revoke
-from app.settings import get_settings
 from workers.job import job
 
 BATCH = 500

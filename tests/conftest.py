@@ -108,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _bao
     if hasattr(config, "workerinput"):
         return
-    from app.openbao_dev import start_dev_server
+    from app.local.openbao_dev import start_dev_server
 
     _bao = start_dev_server(log_path=HOME / "openbao.log")
     import hvac
@@ -155,8 +155,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "LEASEHOLD_PROXY_PUBLIC_URL": f"http://127.0.0.1:{free_port()}",
         }
     )
-    from app.migrate import upgrade
-    from app.settings import get_settings
+    from app.core.migrate import upgrade
+    from app.core.settings import get_settings
 
     get_settings.cache_clear()
     upgrade()
@@ -166,7 +166,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
-    from app.db import dispose_engines
+    from app.core.db import dispose_engines
     from app.issuers import close_all
 
     close_all()
@@ -285,8 +285,8 @@ def app_client(worker: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def keys(installation_id: str) -> dict[str, str]:
     from app.api.auth import create_key
-    from app.db import session_scope
-    from app.models import Role
+    from app.core.db import session_scope
+    from app.core.models import Role
 
     made: dict[str, str] = {}
     with session_scope() as session:

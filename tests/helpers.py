@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import Credential, Task
+from app.core.db import session_scope
+from app.core.models import Credential, Task
 
 
 def auth(key: str) -> dict[str, str]:

@@ -46,7 +46,7 @@ def free_port() -> int:
 
 def create_ledger(tag: str) -> tuple[str, str]:
     """A fresh, migrated ledger database: (database name, plain URL)."""
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     db = f"{LEDGER_DB}_{tag}"
     _admin_sql(f"DROP DATABASE IF EXISTS {db}", f"CREATE DATABASE {db}")
@@ -63,7 +63,7 @@ def installation_of(url: str) -> str:
 
 
 def drop_ledger(db: str) -> None:
-    from app.db import dispose_engines
+    from app.core.db import dispose_engines
 
     dispose_engines()
     with psycopg.connect(f"{PG}/postgres", autocommit=True) as c:
@@ -120,8 +120,8 @@ def private_ledger(
 
     Only for in-process tests: the session worker keeps the session's ledger.
     """
+    from app.core.settings import get_settings
     from app.issuers import close_all
-    from app.settings import get_settings
 
     db, url = create_ledger(tag)
     inst = installation_of(url)
@@ -318,8 +318,8 @@ class Driver:
 
     def __init__(self, tenant: str = "t1") -> None:
         from app.api.auth import create_key
-        from app.db import session_scope
-        from app.models import Role
+        from app.core.db import session_scope
+        from app.core.models import Role
 
         self.tenant = tenant
         with session_scope() as session:
@@ -341,9 +341,9 @@ class Driver:
         import json
 
         from app import ledger
-        from app.db import session_scope
+        from app.core.db import session_scope
+        from app.core.models import utcnow
         from app.ledger import EventIn, installation_id
-        from app.models import utcnow
         from app.profiles import get_profiles
 
         event_id = event_id or f"evt-{os.urandom(6).hex()}"
@@ -383,8 +383,8 @@ class Driver:
     def credentials(self, subject: str) -> list[Any]:
         from sqlmodel import select
 
-        from app.db import session_scope
-        from app.models import Credential, Task
+        from app.core.db import session_scope
+        from app.core.models import Credential, Task
 
         with session_scope() as session:
             task = session.exec(
@@ -396,8 +396,8 @@ class Driver:
 
 
 def credential(cred_id: str) -> Any:
-    from app.db import session_scope
-    from app.models import Credential
+    from app.core.db import session_scope
+    from app.core.models import Credential
 
     with session_scope() as session:
         return session.get(Credential, cred_id)
@@ -405,9 +405,9 @@ def credential(cred_id: str) -> Any:
 
 def issuer(profile: str, inst: str) -> Any:
     """This process's issuer for a profile of the current profiles file, for installation `inst`."""
+    from app.core.settings import get_settings
     from app.issuers import get_issuer
     from app.profiles import get_profiles
-    from app.settings import get_settings
 
     return get_issuer(get_profiles()[profile], installation_id=inst, settings=get_settings())
 
@@ -415,8 +415,8 @@ def issuer(profile: str, inst: str) -> Any:
 def mint_request(cred_id: str, name: str, inst: str, minutes: int = 10) -> Any:
     from datetime import timedelta
 
+    from app.core.models import utcnow
     from app.issuers.base import MintRequest
-    from app.models import utcnow
 
     return MintRequest(
         credential_id=cred_id,

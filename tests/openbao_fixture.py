@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.openbao_dev import DevServer, start_dev_server
+from app.local.openbao_dev import DevServer, start_dev_server
 
 
 @pytest.fixture(scope="session")

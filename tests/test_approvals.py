@@ -22,8 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import AuditEntry, Credential, Task
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Credential, Task
 from app.profiles import ProfileError, parse_profiles, webhook_url_problem
 from tests.conftest import DATA_DB, ROOT, RUN, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique

@@ -19,9 +19,9 @@ from sqlmodel import col, select
 
 from app import ledger
 from app.audit_chain import GENESIS, encode, link, verify
-from app.db import session_scope
-from app.models import AuditEntry, utcnow
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.models import AuditEntry, utcnow
+from app.core.settings import get_settings
 from schedules import audit_export
 from schedules.lock import ledger_lock
 from tests.conftest import ROOT, wait_until

@@ -12,9 +12,9 @@ import psycopg
 import redis
 from sqlmodel import select
 
-from app import sealing
-from app.db import session_scope
-from app.models import AuditEntry
+from app.core import sealing
+from app.core.db import session_scope
+from app.core.models import AuditEntry
 from tests.conftest import wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
 
@@ -101,7 +101,7 @@ def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
     app_client: Any, keys: dict[str, str]
 ) -> None:
     from app import ledger
-    from app.models import utcnow
+    from app.core.models import utcnow
     from app.queue import enqueue_revoke
 
     name, token, cred_id = start(app_client, keys["emitter"])

@@ -22,8 +22,8 @@ import pytest
 from leasehold_client import Client, LeaseholdError
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import Event, Task
+from app.core.db import session_scope
+from app.core.models import Event, Task
 from tests.client_support import leasehold_api, read_until
 from tests.conftest import HOME, ROOT, RUN, wait_until
 from tests.helpers import credentials_of

@@ -664,7 +664,7 @@ def test_compose_has_no_known_secret_and_no_shared_pid_namespace(
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     assert {f.name: f.read_text() for f in tmp_path.iterdir()} == first  # kept, not rotated
     assert len(first["postgres_password"]) >= 32 and len(first["leasehold_secret_key"]) >= 48
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     for name in ("DATABASE_URL", "SECRET_KEY", "VAULT_TOKEN"):
         monkeypatch.delenv(f"LEASEHOLD_{name}", raising=False)  # a variable would win
@@ -746,8 +746,8 @@ def test_compose_runs_the_commands_and_settings_the_readme_documents() -> None:
     import yaml
 
     from app.cli import cli
+    from app.core.settings import Settings
     from app.queue import MINT_QUEUE, REVOKE_QUEUE
-    from app.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Command line", 1)[1].split("\n\n", 2)[1]
@@ -792,7 +792,7 @@ def test_compose_runs_the_commands_and_settings_the_readme_documents() -> None:
     # The revocations get a worker of their own (README: "in production ...").
     assert runs["worker-revoke"][-2:] == ["--queues", REVOKE_QUEUE]
 
-    settings_file = (ROOT / "app" / "settings.py").read_text()
+    settings_file = (ROOT / "app" / "core" / "settings.py").read_text()
     settings = {f"LEASEHOLD_{name.upper()}" for name in Settings.model_fields}
     settings |= set(re.findall(r'os\.environ\.get\("(LEASEHOLD_\w+)"\)', settings_file))
     documented = {  # the first cell of README's settings table rows

@@ -23,12 +23,12 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from sqlalchemy import delete
 from sqlmodel import col, select
 
-from app import sealing
 from app.api.auth import create_key
 from app.api.dashboard import COOKIE, SESSION_SECONDS, new_session
 from app.api.dashboard.sessions import SESSION, csrf_ok, csrf_token, read_session
-from app.db import session_scope
-from app.models import ApiKey, AuditEntry, Credential, Role, Sweep, Task, utcnow
+from app.core import sealing
+from app.core.db import session_scope
+from app.core.models import ApiKey, AuditEntry, Credential, Role, Sweep, Task, utcnow
 from tests.conftest import HOME, ROOT, stop_process, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states
 
@@ -356,7 +356,7 @@ def test_emitter_and_unknown_keys_cannot_sign_in(web: TestClient, keys: dict[str
 
 
 def test_sessions_and_claim_tokens_share_one_signer_never_one_key(installation_id: str) -> None:
-    """app.sealing signs both; a tag made for one purpose verifies for no other."""
+    """app.core.sealing signs both; a tag made for one purpose verifies for no other."""
     session_token = new_session("some-key-id")
     _, payload, tag = session_token.split(".")
     assert sealing.unsign("lhs", SESSION, session_token) is not None

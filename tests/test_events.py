@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from sqlmodel import func, select
 
-from app.db import session_scope
-from app.models import Credential, Event, Task
+from app.core.db import session_scope
+from app.core.models import Credential, Event, Task
 from tests.conftest import wait_until
 from tests.helpers import (
     auth,
@@ -100,7 +100,7 @@ def test_claim_rules(app_client: Any, keys: dict[str, str]) -> None:
     second = app_client.post(claim_url(name, "kv"), headers=auth(token))
     assert second.status_code == 410 and second.json()["state"] == "claimed"
     with session_scope() as s:
-        from app.models import AuditEntry
+        from app.core.models import AuditEntry
 
         actions = s.exec(select(AuditEntry.action).where(AuditEntry.action == "second_claim"))
         assert list(actions)

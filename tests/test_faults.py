@@ -121,7 +121,7 @@ class Island:
 @pytest.fixture(scope="module")
 def island() -> Iterator[Island]:
     from app.api.auth import create_key
-    from app.models import Role
+    from app.core.models import Role
 
     backend_proxy = TcpProxy(5432).start()
     ledger_proxy = TcpProxy(5432).start()
@@ -136,7 +136,7 @@ def island() -> Iterator[Island]:
     isl = Island(db, url, inst, env, backend_proxy, ledger_proxy)
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     with Session(get_engine("postgresql+psycopg" + url[len("postgresql") :])) as session:
         isl.emitter = create_key(session, name="emitter", role=Role.emitter, tenant="t1")[1]

@@ -24,8 +24,8 @@ from sqlmodel import col, select
 
 from app import ledger
 from app.api.credentials import MAX_WAITERS, MAX_WAITERS_PER_TOKEN
-from app.db import session_scope
-from app.models import LIVE_CRED_STATES, Credential, utcnow
+from app.core.db import session_scope
+from app.core.models import LIVE_CRED_STATES, Credential, utcnow
 from app.queue import enqueue_revoke
 from tests.conftest import DATA_DB, HOME, PROFILES, REDIS_URL, ROOT, stop_process, wait_until
 from tests.helpers import auth, claim_url, event, started, states, task_path, unique

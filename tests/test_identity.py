@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import col, select
 
-from app import identity, policy
-from app.db import session_scope
-from app.models import AuditEntry, Credential
-from app.settings import get_settings
+from app.authority import identity, policy
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Credential
+from app.core.settings import get_settings
 from tests.conftest import wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
 

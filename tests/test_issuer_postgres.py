@@ -22,10 +22,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from app.core.settings import Settings
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.issuers.postgres import PostgresIssuer, credential_dsn, scram_sha256_verifier
 from app.profiles import PostgresProfile
-from app.settings import Settings
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 # On PostgreSQL < 16 pg_hba has no regex user names; .ci/pg-setup.sh adds a

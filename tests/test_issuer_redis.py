@@ -18,10 +18,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.core.settings import Settings
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.issuers.redis import RedisIssuer, credential_url
 from app.profiles import RedisProfile
-from app.settings import Settings
 
 URL = "redis://127.0.0.1:6379/0"
 ACL = "~task:{task}:* +get +set +del"

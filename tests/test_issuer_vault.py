@@ -16,12 +16,12 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
+from app.core.settings import Settings
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.issuers.vault import VaultDynamicIssuer, VaultTokenIssuer
 from app.issuers.vault_gateway import VaultGateway, close_gateways, get_gateway, renew_own_token
-from app.openbao_dev import DevServer
+from app.local.openbao_dev import DevServer
 from app.profiles import VaultDynamicProfile, VaultTokenProfile
-from app.settings import Settings
 from tests.openbao_fixture import openbao  # noqa: F401
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}

@@ -13,7 +13,8 @@ from celery import Task
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app import metrics, queue
+from app import queue
+from app.observability import metrics
 from workers.backoff import backoff
 from workers.job import MAX_DELAY, job, retry_delay
 

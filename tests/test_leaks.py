@@ -16,7 +16,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from app.db import session_scope
+from app.core.db import session_scope
 from tests.conftest import PREFIX, REDIS_URL, wait_until
 from tests.helpers import (
     auth,

@@ -93,7 +93,7 @@ def test_postgres_lifecycle(
 
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_vault_token_lifecycle(app_client: Any, keys: dict[str, str], ending: str) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     addr = get_settings().vault_addr
     duration = 2 if ending == "timeout" else 60

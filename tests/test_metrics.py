@@ -19,11 +19,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from app import metrics, observe, queue
-from app.db import session_scope
-from app.logs import JsonFormatter, log
-from app.models import Sweep, utcnow
-from app.settings import get_settings
+from app import queue
+from app.core.db import session_scope
+from app.core.logs import JsonFormatter, log
+from app.core.models import Sweep, utcnow
+from app.core.settings import get_settings
+from app.observability import metrics, observe
 from tests.conftest import wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
 

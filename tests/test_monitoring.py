@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import Credential, Task, utcnow
+from app.core.db import session_scope
+from app.core.models import Credential, Task, utcnow
 from tests.conftest import ROOT, wait_until
 from tests.helpers import auth, event, started, states, unique
 from tests.test_metrics import scrape, value

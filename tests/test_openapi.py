@@ -21,8 +21,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.api.auth import create_key
-from app.db import session_scope
-from app.models import Role
+from app.core.db import session_scope
+from app.core.models import Role
 
 FUZZ_EXAMPLES = 25  # per operation; derandomized, so every run sends the same requests
 

@@ -21,8 +21,8 @@ from sqlmodel import col, func, select
 
 from app import ledger
 from app.api.auth import create_key
-from app.db import session_scope
-from app.models import AuditEntry, Credential, CredState, Role, Task, utcnow
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Credential, CredState, Role, Task, utcnow
 from tests.conftest import DATA_DB, HOME, ROOT, RUN, wait_until
 from tests.helpers import auth, claim_url, started, states, task_path, unique
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlmodel import col, func, select
 
-from app import policy
-from app.db import session_scope
-from app.models import AuditEntry, Credential, Event, Task
-from app.settings import get_settings
+from app.authority import policy
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Credential, Event, Task
+from app.core.settings import get_settings
 from tests.conftest import RUN, wait_until
 from tests.helpers import auth, event, started, states, unique
 
@@ -229,7 +229,7 @@ def test_hot_reload_and_invalid_file_keeps_last_good(
 
 def _dashboard_live(client: Any) -> str:
     from app.api.dashboard import COOKIE, open_session
-    from app.models import ApiKey
+    from app.core.models import ApiKey
 
     with session_scope() as s:
         key = s.exec(select(ApiKey).where(ApiKey.name == f"operator-{RUN}")).one()
@@ -268,7 +268,7 @@ def test_start_refuses_an_invalid_file_and_warns_without_one(tmp_path: Path, cap
     with pytest.raises(policy.PolicyError, match="production"):
         policy.Engine(missing, production=True).start()
     # The sample that `leasehold up` writes is valid and permits the sample profile.
-    sample = policy.load(Path(policy.__file__).parent / "sample" / "policies.cedar")
+    sample = policy.load(Path(policy.__file__).parent.parent / "sample" / "policies.cedar")
     ask = policy.Ask(
         "mint", None, "demo-kv", "vault-token", "default", "emitter", "cli", "t", None, 60
     )

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import Event, Task
+from app.core.db import session_scope
+from app.core.models import Event, Task
 from tests.client_support import leasehold_api
 from tests.conftest import HOME, ROOT, wait_until
 from tests.helpers import credentials_of

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from sqlmodel import func, select
 
-from app.db import session_scope
+from app.core.db import session_scope
+from app.core.models import Credential, CredState, Task, TaskState
 from app.ledger import LedgerError
-from app.models import Credential, CredState, Task, TaskState
 from tests.isolated import Driver, credential, issuer, mint_request, private_ledger
 
 GRANTS = {"kv": "kv-reader", "db": "reports-readonly"}

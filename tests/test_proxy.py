@@ -24,13 +24,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app.db import get_engine
+from app.core.db import get_engine
+from app.core.settings import Settings, get_settings
 from app.issuers.base import IssuerError, PermanentIssuerError
 from app.issuers.proxy import ProxyIssuer
 from app.profiles import ProxyProfile
 from app.proxy.paths import PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
-from app.settings import Settings, get_settings
 from app.startup import upstream_problem
 from schedules.reconcile import reconcile
 from tests.conftest import HOME, ROOT, free_port, stop_process, wait_until
@@ -556,8 +556,8 @@ def test_no_leak_of_the_key_or_the_token(
 def _proxy_credentials() -> list[Any]:
     from sqlmodel import select
 
-    from app.db import session_scope
-    from app.models import Credential
+    from app.core.db import session_scope
+    from app.core.models import Credential
 
     with session_scope() as session:
         return list(session.exec(select(Credential).where(Credential.issuer == "proxy")))

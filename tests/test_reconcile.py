@@ -19,8 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import AuditEntry, CredState, Sweep
+from app.core.db import session_scope
+from app.core.models import AuditEntry, CredState, Sweep
 from schedules.reconcile import LOCK_KEY, reconcile
 from tests.conftest import DATA_DB, ROOT
 from tests.helpers import auth
@@ -241,7 +241,7 @@ def test_vanished_is_marked_and_said(inst: str, driver: Driver) -> None:
 
 def test_revoked_but_present_is_revoked_again(inst: str, driver: Driver) -> None:
     from app import ledger
-    from app.models import utcnow
+    from app.core.models import utcnow
 
     task = name()
     creds = driver.start(task, {"db": "reports-readonly", "cache": "task-cache"})
@@ -300,7 +300,7 @@ def test_one_sweep_at_a_time(inst: str, api: TestClient, driver: Driver) -> None
 
 def test_sweeps_are_for_admins(api: TestClient, driver: Driver) -> None:
     from app.api.auth import create_key
-    from app.models import Role
+    from app.core.models import Role
 
     with session_scope() as session:
         _, operator = create_key(
@@ -341,7 +341,7 @@ def test_lost_extend_is_redriven(inst: str, driver: Driver) -> None:
 def test_temporary_revoke_failures_count_and_show(
     inst: str, driver: Driver, proxy: TcpProxy
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     task = name()
     cred_id = driver.start(task, {"db": "db-proxied"})["db"]
@@ -500,8 +500,9 @@ def _works(issuer_kind: str, secret: dict[str, Any]) -> bool:
 
 
 def test_a_second_mint_delivery_never_replaces_a_live_password(inst: str, driver: Driver) -> None:
-    from app import ledger, sealing
-    from app.models import utcnow
+    from app import ledger
+    from app.core import sealing
+    from app.core.models import utcnow
 
     task = name()
     creds = driver.start(task, {"db": "reports-readonly", "cache": "task-cache"})
@@ -527,8 +528,9 @@ def test_a_second_mint_delivery_never_replaces_a_live_password(inst: str, driver
 def test_an_expired_lease_lets_the_redrive_in_and_the_loser_is_not_late(
     inst: str, driver: Driver
 ) -> None:
-    from app import ledger, metrics
-    from app.models import utcnow
+    from app import ledger
+    from app.core.models import utcnow
+    from app.observability import metrics
 
     task = name()
     cred_id = driver.start(task, {"kv": "kv-reader"})["kv"]
@@ -568,7 +570,7 @@ def test_an_expired_lease_lets_the_redrive_in_and_the_loser_is_not_late(
 
 def test_revocations_due_are_found_again_from_the_ledger(inst: str, driver: Driver) -> None:
     from app import ledger
-    from app.models import utcnow
+    from app.core.models import utcnow
     from schedules.sweep import redrive_due
 
     task = name()
@@ -612,10 +614,10 @@ def test_a_failing_revoke_destroys_the_ciphertext_at_once(
 
 
 def test_permanent_revoke_failure_shows_as_failing(inst: str, driver: Driver) -> None:
-    from app import overview
-    from app.metrics import LedgerCollector
-    from app.models import utcnow
-    from app.settings import get_settings
+    from app.core.models import utcnow
+    from app.core.settings import get_settings
+    from app.observability import overview
+    from app.observability.metrics import LedgerCollector
 
     task = name()
     creds = driver.start(task, {"db": "reports-readonly", "kv": "kv-reader"})

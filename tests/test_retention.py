@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import AuditEntry, Credential, Event, Task, utcnow
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Credential, Event, Task, utcnow
 from schedules.retention import purge
 from tests.conftest import wait_until
 from tests.helpers import auth, event, started, states, unique

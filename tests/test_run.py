@@ -29,8 +29,8 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from sqlmodel import select
 
-from app.db import session_scope
-from app.models import AuditEntry, Task, TaskCA
+from app.core.db import session_scope
+from app.core.models import AuditEntry, Task, TaskCA
 from app.proxy.ca import issue_leaf, make_ca
 from app.run import env_name
 from tests.client_support import leasehold_api

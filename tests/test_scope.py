@@ -18,10 +18,10 @@ from sqlmodel import select
 
 from app.api.auth import create_key
 from app.api.ratelimit import RateLimiter, bucket_key
-from app.db import session_scope
-from app.models import ApiKey, Role
-from app.scope import ScopeError, grant_refusal, normalise, source_refusal, workload_in
-from app.settings import get_settings
+from app.authority.scope import ScopeError, grant_refusal, normalise, source_refusal, workload_in
+from app.core.db import session_scope
+from app.core.models import ApiKey, Role
+from app.core.settings import get_settings
 from tests.conftest import REDIS_URL, ROOT, RUN, wait_until
 from tests.helpers import auth, event, started, states, unique
 

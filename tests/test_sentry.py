@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 
 from app import ledger
 from app.api import create_app
-from app.db import session_scope
-from app.errors_reporting import scrub_event, shutdown_sentry
-from app.models import utcnow
+from app.core.db import session_scope
+from app.core.models import utcnow
+from app.core.settings import get_settings
+from app.observability.sentry import scrub_event, shutdown_sentry
 from app.queue import REVOKE, REVOKE_QUEUE, configure, enqueue_revoke
-from app.settings import get_settings
 from tests.conftest import HOME, PREFIX, start_worker, stop_process, wait_until
 from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
 

@@ -12,6 +12,9 @@ import pytest
 import redis
 import requests
 
+from app.core.models import SWEEP_COUNTS, CredState, Sweep, TaskState
+from app.core.redact import clip
+from app.core.settings import Settings
 from app.issuers import backend_identity, revoke_ref
 from app.issuers.base import MarkedObject, PermanentIssuerError, TemporaryIssuerError, mark
 from app.issuers.errors import MAX_DELAY
@@ -19,10 +22,7 @@ from app.issuers.postgres import ERRORS as POSTGRES
 from app.issuers.redis import ERRORS as REDIS
 from app.issuers.vault_gateway import ERRORS as VAULT
 from app.ledger import HeldRow
-from app.models import SWEEP_COUNTS, CredState, Sweep, TaskState
 from app.profiles import PostgresProfile, RedisProfile, VaultTokenProfile
-from app.redact import clip
-from app.settings import Settings
 from schedules.judge import Act, judge
 from schedules.report import SweepReport, render_report
 from workers.backoff import retry_in

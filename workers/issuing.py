@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from app.core.models import Credential
+from app.core.settings import get_settings
 from app.issuers import get_issuer
 from app.issuers.base import Issuer, PermanentIssuerError
 from app.ledger import installation_id
-from app.models import Credential
 from app.profiles import get_profiles
-from app.settings import get_settings
 
 
 def issuer_for(cred: Credential) -> Issuer:

@@ -30,8 +30,8 @@ from typing import Any
 from celery import Task
 from sqlalchemy.exc import StatementError
 
-from app import observe
-from app.logs import log
+from app.core.logs import log
+from app.observability import observe
 from app.queue import QUEUES, celery_app
 from workers.backoff import backoff
 

@@ -9,13 +9,15 @@ from typing import Any
 from celery import Task as CeleryTask
 from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify, observe, queue, sealing
-from app.db import session_scope
+from app import ledger, notify, queue
+from app.core import sealing
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import Credential, CredState, Task, utcnow
 from app.issuers import revoke_ref
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.ledger import installation_id
-from app.logs import log
-from app.models import Credential, CredState, Task, utcnow
+from app.observability import observe
 from app.queue import enqueue_revoke
 from workers.issuing import issuer_for
 from workers.job import job

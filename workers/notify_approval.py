@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 import httpx
 
 from app import queue
-from app.db import session_scope
-from app.logs import log
-from app.models import Credential, CredState, Task
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import Credential, CredState, Task
+from app.core.sealing import webhook_key
+from app.core.settings import get_settings
 from app.profiles import get_profiles, webhook_url_problem
-from app.sealing import webhook_key
-from app.settings import get_settings
 from workers.job import job
 
 SIGNATURE_HEADER = "Leasehold-Signature"

@@ -7,12 +7,13 @@ import time
 
 from sqlalchemy.exc import OperationalError
 
-from app import ledger, notify, observe, queue
-from app.db import session_scope
+from app import ledger, notify, queue
+from app.core.db import session_scope
+from app.core.logs import log
+from app.core.models import Credential, CredState, utcnow
 from app.issuers import revoke_ref
 from app.issuers.base import PermanentIssuerError, TemporaryIssuerError
-from app.logs import log
-from app.models import Credential, CredState, utcnow
+from app.observability import observe
 from workers.backoff import retry_in
 from workers.issuing import issuer_for
 from workers.job import job

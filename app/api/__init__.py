@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__, notify, startup
-from app import policy as cedar_policy
 from app.api import (
     audit,
     credentials,
@@ -33,11 +32,12 @@ from app.api.schemas import (
     event_components,
     problem_media_types,
 )
-from app.db import session_scope
-from app.errors_reporting import init_sentry
-from app.logs import configure_logging
-from app.metrics import prepare as prepare_metrics
-from app.settings import get_settings
+from app.authority import policy as cedar_policy
+from app.core.db import session_scope
+from app.core.logs import configure_logging
+from app.core.settings import get_settings
+from app.observability.metrics import prepare as prepare_metrics
+from app.observability.sentry import init_sentry
 
 
 def _startup_checks() -> None:

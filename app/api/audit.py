@@ -12,8 +12,8 @@ from sqlmodel import col, select
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
-from app.db import SessionDep
-from app.models import AuditEntry, Task
+from app.core.db import SessionDep
+from app.core.models import AuditEntry, Task
 
 router = APIRouter(tags=["audit"])
 

@@ -14,11 +14,11 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from app.db import SessionDep, session_scope
-from app.logs import log
-from app.models import ApiKey, Role, utcnow
-from app.scope import normalise as normalise_scope
-from app.sealing import hash_api_key
+from app.authority.scope import normalise as normalise_scope
+from app.core.db import SessionDep, session_scope
+from app.core.logs import log
+from app.core.models import ApiKey, Role, utcnow
+from app.core.sealing import hash_api_key
 
 # A retired key stops working within this on every API process (the contract: 5 s; the
 # margin covers a request in flight). An expired key stops at once: checked per request.
@@ -50,7 +50,7 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """A new key row and its secret (shown once, stored only as a hash).
 
-    `sources`, `workloads` and `profiles` limit an emitter key (app/scope.py);
+    `sources`, `workloads` and `profiles` limit an emitter key (app/authority/scope.py);
     None means no limit. Raises ValueError naming what is wrong."""
     now = now or utcnow()
     if role != Role.admin and not tenant:

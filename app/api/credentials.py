@@ -17,7 +17,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session, col, select
 
-from app import identity, ledger, notify, observe, policy, sealing
+from app import ledger, notify
 from app.api.auth import EmitterKey, OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
@@ -31,9 +31,12 @@ from app.api.schemas import (
     credential_view,
     errors,
 )
-from app.db import SessionDep, get_engine
-from app.logs import log
-from app.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
+from app.authority import identity, policy
+from app.core import sealing
+from app.core.db import SessionDep, get_engine
+from app.core.logs import log
+from app.core.models import ApiKey, Credential, CredState, Task, TaskState, utcnow
+from app.observability import observe
 from app.profiles import get_profiles
 from app.queue import enqueue_approval_request, enqueue_mint, enqueue_revoke
 

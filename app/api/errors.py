@@ -24,8 +24,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from app.core.logs import log
 from app.ledger import LedgerError
-from app.logs import log
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE = "about:blank"

@@ -16,7 +16,7 @@ from sqlmodel import Session
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import ledger, observe, sealing
+from app import ledger
 from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
 from app.api.limits import MAX_EVENT_BODY
@@ -31,13 +31,15 @@ from app.api.schemas import (
     event_body,
     task_view,
 )
-from app.db import get_engine
+from app.core import sealing
+from app.core.db import get_engine
+from app.core.logs import log
+from app.core.models import ApiKey, Task
+from app.core.settings import get_settings
 from app.ledger import EventIn, EventResult, installation_id
-from app.logs import log
-from app.models import ApiKey, Task
+from app.observability import observe
 from app.profiles import get_profiles
 from app.queue import enqueue_approval_request, enqueue_extend, enqueue_mint, enqueue_revoke
-from app.settings import get_settings
 
 router = APIRouter()
 MAX_BODY = MAX_EVENT_BODY

@@ -18,9 +18,9 @@ from app.api.auth import AdminKey
 from app.api.errors import ApiError
 from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
-from app.db import SessionDep
-from app.logs import log
-from app.models import ApiKey, Role, utcnow
+from app.core.db import SessionDep
+from app.core.logs import log
+from app.core.models import ApiKey, Role, utcnow
 
 router = APIRouter(tags=["keys"], responses=errors(401, 403, 422))
 

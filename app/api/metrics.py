@@ -7,11 +7,11 @@ import hmac
 from fastapi import APIRouter, Request, Response, Security
 from fastapi.security import HTTPBearer
 
-from app import metrics
 from app.api.auth import bearer
 from app.api.errors import ApiError
 from app.api.schemas import errors
-from app.settings import get_settings
+from app.core.settings import get_settings
+from app.observability import metrics
 
 router = APIRouter(tags=["metrics"])
 # Documentation only: scrape() compares the token itself (and needs none when unset).

@@ -9,13 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlmodel import Session, select
 
-from app import ledger, policy, scope
+from app import ledger
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.events import parse_event
 from app.api.schemas import ApiJSON, errors, event_body
-from app.db import get_engine
-from app.models import ApiKey, Role
+from app.authority import policy, scope
+from app.core.db import get_engine
+from app.core.models import ApiKey, Role
 from app.profiles import get_profiles
 
 router = APIRouter(tags=["policy"])

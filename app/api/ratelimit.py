@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from redis.commands.core import Script
 
 from app.api.errors import ApiError
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from app.api.auth import OperatorKey, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
-from app.db import SessionDep, get_engine, session_scope
-from app.logs import log
-from app.models import ApiKey, KillSwitch, Role, utcnow
+from app.core.db import SessionDep, get_engine, session_scope
+from app.core.logs import log
+from app.core.models import ApiKey, KillSwitch, Role, utcnow
 from app.switches import take_matching
 
 router = APIRouter(tags=["revocations"], responses=errors(401, 403, 422))

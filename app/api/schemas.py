@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from app.api.errors import PROBLEM_JSON, PROBLEM_MEMBERS, problem_body
+from app.core.models import Credential, CredState, Task, TaskState
 from app.ledger import EVENT_TYPES
-from app.models import Credential, CredState, Task, TaskState
 from app.profiles import NAME_PATTERN
 
 MAX_GRANTS = 16

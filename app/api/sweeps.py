@@ -14,8 +14,8 @@ from app.api.auth import AdminKey
 from app.api.errors import ApiError
 from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
-from app.db import SessionDep
-from app.models import SWEEP_COUNTS, Sweep
+from app.core.db import SessionDep
+from app.core.models import SWEEP_COUNTS, Sweep
 
 router = APIRouter(tags=["sweeps"], responses=errors(401, 403))
 

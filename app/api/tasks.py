@@ -21,9 +21,9 @@ from app.api.schemas import (
     errors,
     task_view,
 )
-from app.db import SessionDep, get_engine
-from app.logs import log
-from app.models import ApiKey, Task, TaskState, utcnow
+from app.core.db import SessionDep, get_engine
+from app.core.logs import log
+from app.core.models import ApiKey, Task, TaskState, utcnow
 from app.queue import enqueue_revoke
 
 router = APIRouter(tags=["tasks"], responses=errors(401, 403, 422))

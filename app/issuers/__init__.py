@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import threading
 
+from app.core.settings import Settings
 from app.issuers.base import BackendIdentity, Issuer, Recorded
 from app.profiles import Profile
-from app.settings import Settings
 
 _lock = threading.Lock()
 _cache: dict[tuple[int, str, Profile], Issuer] = {}

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
+from app.core.settings import Settings
 from app.issuers.errors import IssuerError, PermanentIssuerError, TemporaryIssuerError
 from app.profiles import Profile
-from app.settings import Settings
 
 __all__ = [
     "BackendIdentity",

@@ -30,6 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.numeric import Oid
 from psycopg_pool import ConnectionPool
 
+from app.core.settings import Settings
 from app.issuers.base import (
     BackendIdentity,
     Issuer,
@@ -41,7 +42,6 @@ from app.issuers.base import (
 )
 from app.issuers.errors import ErrorTable, Kind
 from app.profiles import PostgresProfile, Profile
-from app.settings import Settings
 
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 _COMMENT = re.compile(r"^leasehold installation=(?P<inst>\S+) (?:credential=(?P<cred>\S+)|group)$")

@@ -17,6 +17,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
+from app.core.settings import Settings
 from app.issuers.base import (
     BackendIdentity,
     Issuer,
@@ -27,7 +28,6 @@ from app.issuers.base import (
 )
 from app.issuers.vault_gateway import ERRORS, get_gateway
 from app.profiles import Profile, ProxyProfile
-from app.settings import Settings
 
 TOKEN_PREFIX = "lhp."  # noqa: S105  (a prefix, recognisable in a leak scan)
 

@@ -20,6 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.core.settings import Settings
 from app.issuers.base import (
     BackendIdentity,
     Issuer,
@@ -31,7 +32,6 @@ from app.issuers.base import (
 )
 from app.issuers.errors import ErrorTable, Kind
 from app.profiles import Profile, RedisProfile
-from app.settings import Settings
 
 # Rules Redis always needs from a client: a health check and choosing the db.
 BASE_RULES = ("+ping", "+select")

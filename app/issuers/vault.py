@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from app.core.settings import Settings
 from app.issuers.base import (
     BackendIdentity,
     Issuer,
@@ -28,7 +29,6 @@ from app.issuers.base import (
 )
 from app.issuers.vault_gateway import ERRORS, VaultGateway, get_gateway
 from app.profiles import Profile, VaultDynamicProfile, VaultTokenProfile
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 

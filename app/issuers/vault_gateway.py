@@ -21,8 +21,8 @@ import hvac
 import hvac.exceptions as hv
 import requests
 
+from app.core.settings import Settings
 from app.issuers.errors import ErrorTable, IssuerError, Kind, PermanentIssuerError
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 

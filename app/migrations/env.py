@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers the tables)
-from app.db import get_engine
+import app.core.models  # noqa: F401  (registers the tables)
+from app.core.db import get_engine
 
 target_metadata = SQLModel.metadata
 

@@ -75,7 +75,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),  # sealed by the caller (app/sealing.py) at rest
+        serialization.NoEncryption(),  # sealed by the caller (app/core/sealing.py) at rest
     ).decode()
 
 

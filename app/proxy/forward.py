@@ -35,10 +35,10 @@ from urllib.parse import urlsplit
 import h11
 from sqlmodel import col, select
 
-from app import sealing
-from app.db import session_scope
+from app.core import sealing
+from app.core.db import session_scope
+from app.core.models import Credential, TaskCA
 from app.issuers.proxy import token_digest
-from app.models import Credential, TaskCA
 from app.profiles import ProfileError, ProxyProfile, get_profiles
 from app.proxy.ca import Issued, issue_leaf
 from app.proxy.state import Gate, in_thread

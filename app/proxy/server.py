@@ -32,17 +32,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from app import metrics
+from app.core.settings import Settings, get_settings
 from app.issuers import get_issuer
 from app.issuers.base import IssuerError
 from app.issuers.proxy import ProxyIssuer, token_digest
+from app.observability import metrics
 from app.profiles import ProfileError, ProxyProfile, get_profiles
 from app.proxy import forward
 from app.proxy.forward import Forward
 from app.proxy.paths import CleanPath, PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
 from app.proxy.state import Gate, Gates, Journal, in_thread
-from app.settings import Settings, get_settings
 from app.startup import upstream_problem
 
 log = logging.getLogger("leasehold.proxy")
@@ -189,7 +189,7 @@ class Proxy:
 
     async def start(self) -> None:
         from app import ledger
-        from app.db import session_scope
+        from app.core.db import session_scope
 
         def installation() -> str:
             with session_scope() as session:
@@ -615,8 +615,8 @@ class _QuietAbort(logging.Filter):
 
 
 def create_app() -> Starlette:
-    from app.errors_reporting import init_sentry
-    from app.logs import configure_logging
+    from app.core.logs import configure_logging
+    from app.observability.sentry import init_sentry
 
     settings = get_settings()
     init_sentry(settings, component="proxy")

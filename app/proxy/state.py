@@ -30,8 +30,8 @@ import redis.asyncio as aioredis
 from sqlmodel import select
 
 from app import ledger, notify
-from app.db import session_scope
-from app.models import Credential, CredState, Task, TaskState, utcnow
+from app.core.db import session_scope
+from app.core.models import Credential, CredState, Task, TaskState, utcnow
 
 log = logging.getLogger("leasehold.proxy")
 T = TypeVar("T")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from app import overview
+from app.observability import overview
 
 W, H, LEFT, RIGHT = 760, 230, 56, 12
 BARS_TOP, BARS_BOTTOM = 16, 96

@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
-from app import ledger, overview, policy
+from app import ledger
 from app.api.auth import lookup_key
 from app.api.credentials import (
     DecisionIn,
@@ -47,9 +47,11 @@ from app.api.limits import MAX_FORM_BODY
 from app.api.revocations import SwitchIn, switch_view
 from app.api.revocations import lift as lift_switch
 from app.api.revocations import throw as throw_switch
-from app.db import SessionDep, get_engine
-from app.models import Credential, CredState, KillSwitch, Role, Task, utcnow
-from app.settings import get_settings
+from app.authority import policy
+from app.core.db import SessionDep, get_engine
+from app.core.models import Credential, CredState, KillSwitch, Role, Task, utcnow
+from app.core.settings import get_settings
+from app.observability import overview
 
 ROOT = Path(__file__).resolve().parents[2]  # app/
 router = APIRouter(prefix="/dashboard", include_in_schema=False)

@@ -1,7 +1,7 @@
 """The dashboard's sign-in: a signed session cookie, its server-side row, and CSRF tokens.
 
 The cookie names the key's id (the key itself is not kept), an expiry and a
-nonce, signed by app.sealing's signer (the one the claim tokens use, under a
+nonce, signed by app.core.sealing's signer (the one the claim tokens use, under a
 purpose of its own). The session also has a row in the ledger (by a hash of
 its nonce): signing out closes it, so a copied cookie stops working, and a
 retired key ends its sessions. State-changing forms carry a CSRF token: the
@@ -20,8 +20,8 @@ from fastapi import Request
 from sqlalchemy import delete, update
 from sqlmodel import Session, col
 
-from app import sealing
-from app.models import ApiKey, DashboardSession, Role, utcnow
+from app.core import sealing
+from app.core.models import ApiKey, DashboardSession, Role, utcnow
 
 COOKIE = "lh_session"
 SESSION_SECONDS = 8 * 3600

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-from app.models import UTCDateTime
-from app.settings import get_settings
+from app.core.models import UTCDateTime
+from app.core.settings import get_settings
 
 revision = "0001"
 down_revision = None

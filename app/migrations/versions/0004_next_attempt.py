@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-from app.models import UTCDateTime
+from app.core.models import UTCDateTime
 
 revision = "0004"
 down_revision = "0003"

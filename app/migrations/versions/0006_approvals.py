@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.models import UTCDateTime
+from app.core.models import UTCDateTime
 
 revision = "0006"
 down_revision = "0005"

@@ -319,7 +319,7 @@ _verifiers_lock = threading.Lock()
 def verifier() -> Verifier:
     """The verifier for the configured JWKS, audience and issuer (one per process and
     configuration); IdentityError when JWT claims are not (fully) configured."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     settings = get_settings()
     source, audience, issuer = settings.jwt_jwks, settings.jwt_audience, settings.jwt_issuer

@@ -105,7 +105,7 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = _ts()
     expires_at: datetime | None = _ts()  # None: never; past it the key answers 401
     last_used_at: datetime | None = _ts()  # kept to the minute (app.api.auth)
-    # An emitter's scope (app/scope.py); None means no limit.
+    # An emitter's scope (app/authority/scope.py); None means no limit.
     sources: list[str] | None = Field(default=None, sa_column=Column(JSON))
     workloads: list[str] | None = Field(default=None, sa_column=Column(JSON))
     profiles: list[str] | None = Field(default=None, sa_column=Column(JSON))
@@ -235,7 +235,7 @@ class MintLease(SQLModel, table=True):
 
 class TaskCA(SQLModel, table=True):
     """A task's forward-mode CA (app/proxy/ca.py): its certificate, and its key sealed
-    (app/sealing.py) until the task ends, when the key is destroyed."""
+    (app/core/sealing.py) until the task ends, when the key is destroyed."""
 
     __tablename__ = "task_cas"
 

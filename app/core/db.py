@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}

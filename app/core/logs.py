@@ -7,8 +7,8 @@ import logging
 import sys
 from typing import Any
 
-from app.redact import FILTERED, is_secret_key, redact_text
-from app.settings import Settings
+from app.core.redact import FILTERED, is_secret_key, redact_text
+from app.core.settings import Settings
 
 log = logging.getLogger("leasehold")
 

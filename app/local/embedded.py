@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from app.settings import EMBEDDED_OPENBAO_FILE, Settings, get_settings
+from app.core.settings import EMBEDDED_OPENBAO_FILE, Settings, get_settings
 
-SAMPLE_PROFILES = Path(__file__).parent / "sample" / "profiles.toml"
-SAMPLE_POLICIES = Path(__file__).parent / "sample" / "policies.cedar"
+SAMPLE_PROFILES = Path(__file__).parent.parent / "sample" / "profiles.toml"
+SAMPLE_POLICIES = Path(__file__).parent.parent / "sample" / "policies.cedar"
 
 
 def _say(text: str) -> None:
@@ -29,8 +29,8 @@ def _first_keys() -> dict[str, str] | None:
     from sqlmodel import select
 
     from app.api.auth import create_key
-    from app.db import session_scope
-    from app.models import ApiKey, Role
+    from app.core.db import session_scope
+    from app.core.models import ApiKey, Role
 
     with session_scope() as session:
         if session.exec(select(ApiKey)).first() is not None:
@@ -73,8 +73,8 @@ def _interrupt(*_: object) -> None:
 
 
 def run_everything(settings: Settings, *, host: str, port: int) -> int:
-    from app.migrate import upgrade
-    from app.openbao_dev import seed_demo, start_dev_server
+    from app.core.migrate import upgrade
+    from app.local.openbao_dev import seed_demo, start_dev_server
 
     settings.home.mkdir(parents=True, exist_ok=True)
     # Ctrl-C and SIGTERM stop everything, also when started where SIGINT was ignored.

@@ -48,7 +48,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 from sqlmodel import col, func, select
 
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
 
 logger = logging.getLogger("leasehold")
 
@@ -359,9 +359,17 @@ class LedgerCollector(Collector):
     """Gauges read from the ledger at scrape time (indexed on state)."""
 
     def collect(self) -> Iterator[Metric]:
-        from app.db import session_scope
-        from app.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState, utcnow
-        from app.overview import failing_clause
+        from app.core.db import session_scope
+        from app.core.models import (
+            AuditEntry,
+            Credential,
+            CredState,
+            Sweep,
+            Task,
+            TaskState,
+            utcnow,
+        )
+        from app.observability.overview import failing_clause
         from app.profiles import ProfileError, get_profiles
 
         settings = get_settings()
@@ -435,7 +443,7 @@ class PolicyCollector(Collector):
     """Which policy set this process has in force, and since when."""
 
     def collect(self) -> Iterator[Metric]:
-        from app import policy
+        from app.authority import policy
 
         try:
             status = policy.engine().status()

@@ -8,11 +8,11 @@ cannot be written (a full disk) costs a warning, never a mint or a revoke.
 
 from __future__ import annotations
 
-from app import errors_reporting, metrics
-from app.logs import log
-from app.models import Credential, utcnow
-from app.redact import clip
-from app.settings import get_settings
+from app.core.logs import log
+from app.core.models import Credential, utcnow
+from app.core.redact import clip
+from app.core.settings import get_settings
+from app.observability import metrics, sentry
 
 
 def _tags(cred: Credential) -> dict[str, str]:
@@ -68,7 +68,7 @@ def revoke_failed(cred: Credential, attempts: int, error: str) -> None:
                 "attempts": attempts,
             },
         )
-        errors_reporting.report(
+        sentry.report(
             f"failing revocation: {cred.issuer} credential of profile {cred.profile}",
             level="error",
             tags=_tags(cred) | {"reason": cred.revoke_reason or "unknown"},
@@ -109,7 +109,7 @@ def second_claim(cred: Credential) -> None:
         metrics.get().second_claims.labels(cred.issuer, cred.profile).inc()
     except OSError as exc:
         log.warning("metrics not recorded", extra={"error": str(exc)})
-    errors_reporting.report(
+    sentry.report(
         f"second claim of a {cred.issuer} credential: possible interception",
         level="warning",
         tags=_tags(cred),

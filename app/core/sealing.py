@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 if TYPE_CHECKING:
     from app.profiles import Profile

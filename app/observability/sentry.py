@@ -19,8 +19,8 @@ from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 from sentry_sdk.types import Breadcrumb, BreadcrumbHint, Event, Hint
 
 from app import __version__
-from app.redact import SECRET_KEY_PARTS, scrub
-from app.settings import Settings
+from app.core.redact import SECRET_KEY_PARTS, scrub
+from app.core.settings import Settings
 
 logger = logging.getLogger("leasehold")
 _active_dsn: str | None = None

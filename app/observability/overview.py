@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Float, and_, cast, extract, literal_column, or_
 from sqlmodel import Session, col, func, select
 
-from app.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState
+from app.core.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState
 
 
 @dataclass(frozen=True)

@@ -394,7 +394,7 @@ class Engine:
             extra={"policy_file": str(self.path), "in_force": in_force},
         )
         try:
-            from app import metrics
+            from app.observability import metrics
 
             metrics.get().policy_reload_errors.inc()
         except OSError as exc:
@@ -411,7 +411,7 @@ _engines_lock = threading.Lock()
 
 def engine() -> Engine:
     """The engine for the configured file (one per process and path)."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     settings = get_settings()
     key = (settings.policy_file.resolve(), settings.env == "production")
@@ -426,7 +426,7 @@ def authorize(asks: Sequence[Ask]) -> list[Decision]:
     """Decide with the set in force now."""
     decisions = decide(engine().current(), asks)
     try:
-        from app import metrics
+        from app.observability import metrics
 
         counter = metrics.get().policy_decisions
         for ask, decision in zip(asks, decisions, strict=True):

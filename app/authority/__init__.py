@@ -1,0 +1,1 @@
+"""Pure decisions the ledger's callers consult: Cedar policy, key scope, workload identity."""

@@ -1,0 +1,1 @@
+"""The ground every part stands on: settings, database, tables, logs, sealing, redaction."""

@@ -1,0 +1,1 @@
+"""What operators see: Prometheus metrics, Sentry, the lifecycle hooks and the overview."""
