@@ -329,6 +329,12 @@ class ForwardConnection:
             if opened is not None:  # 200 Connection established: TLS from here
                 await self._open(opened)
                 return
+            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
+                # A bodiless request (a GET) whose end no one asked for: h11 has it
+                # parsed already; take it so the connection can be kept alive.
+                with contextlib.suppress(h11.RemoteProtocolError):
+                    if self.conn.next_event() is h11.NEED_DATA:
+                        return
             if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
                 return  # a body left unread (a refusal), a cut-off, or asked to close
             self.conn.start_next_cycle()
