@@ -380,7 +380,7 @@ def main() -> None:
             f"(upstream: Python http.server in its own process)"
         )
         header = (
-            f"{'body':<22} {'upstream':<8} {'path':<22} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'body':<24} {'upstream':<8} {'path':<22} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'req/s':>8} {'added p50':>10} {'added p99':>10}"
         )
         print(header)
@@ -396,7 +396,7 @@ def main() -> None:
                 else:
                     added = f"{p50 - base[scheme][0]:>+10.2f} {p99 - base[scheme][1]:>+10.2f}"
                 print(
-                    f"{label:<22} {scheme:<8} {name:<22} {len(lat):>5} {p50:>8.2f} "
+                    f"{label:<24} {scheme:<8} {name:<22} {len(lat):>5} {p50:>8.2f} "
                     f"{p99:>8.2f} {rate:>8.0f} {added}"
                 )
         with httpx.Client(base_url=api, timeout=TIMEOUT) as client_:

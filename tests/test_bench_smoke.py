@@ -32,9 +32,9 @@ def test_proxy_bench_completes_and_prints_each_figure() -> None:
         timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    # Fixed columns: body (22), upstream (8), path (22), then the figures.
+    # Fixed columns: body (24), upstream (8), path (22), then the figures.
     rows = {
-        (line[:22].split()[0], line[23:31].strip(), line[32:54].split()[0]): line[55:].split()
+        (line[:24].split()[0], line[25:33].strip(), line[34:56].split()[0]): line[57:].split()
         for line in done.stdout.splitlines()
         if line.startswith(("small", "streamed"))
     }
