@@ -28,11 +28,12 @@ def iso(value: Any) -> str:
     return str(value.isoformat()).replace("+00:00", "Z")
 
 
-def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
-    """The entry as GET /v1/audit shows it (`task` is the orchestrator's task id)."""
+def view(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
+    """The entry as GET /v1/audit shows it (`task` is the orchestrator's task id);
+    `at` stays a datetime for the API's JSON to render."""
     return {
         "id": entry.id,
-        "at": iso(entry.at),
+        "at": entry.at,
         "tenant": entry.tenant,
         "actor": entry.actor,
         "action": entry.action,
@@ -41,6 +42,11 @@ def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
         "reason": entry.reason,
         "detail": entry.detail,
     }
+
+
+def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
+    """The entry as GET /v1/audit shows it, `at` as RFC 3339 text: what is hashed."""
+    return {**view(entry, task_name), "at": iso(entry.at)}
 
 
 def chain_hash(prev: str, unhashed: dict[str, Any]) -> str:

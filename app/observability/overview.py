@@ -15,20 +15,24 @@ from typing import Any
 from sqlalchemy import Float, and_, cast, extract, literal_column, or_
 from sqlmodel import Session, col, func, select
 
-from app.core.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState
+from app.core.models import (
+    SWEEP_COUNTS,
+    AuditEntry,
+    Credential,
+    CredState,
+    Sweep,
+    SweepCounts,
+    Task,
+    TaskState,
+)
 
 
-@dataclass(frozen=True)
-class SweepInfo:
+class SweepInfo(SweepCounts):
+    """One sweep as the dashboard and GET /v1/sweeps show it."""
+
     id: str
     started_at: datetime
     finished_at: datetime | None
-    checked: int
-    orphans_revoked: int
-    vanished: int
-    rerevoked: int
-    redriven: int
-    errors: int
 
 
 @dataclass
@@ -128,12 +132,7 @@ def _sweep_info(row: Sweep) -> SweepInfo:
         id=row.id,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        checked=row.checked,
-        orphans_revoked=row.orphans_revoked,
-        vanished=row.vanished,
-        rerevoked=row.rerevoked,
-        redriven=row.redriven,
-        errors=row.errors,
+        **{name: getattr(row, name) for name in SWEEP_COUNTS},
     )
 
 
