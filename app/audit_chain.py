@@ -20,7 +20,6 @@ import rfc8785
 from app.core.models import AuditEntry
 
 GENESIS = "0" * 64
-FIELDS = ("id", "at", "tenant", "actor", "action", "task", "credential", "reason", "detail")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
