@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -356,12 +356,17 @@ class ClientCore:
         )
 
 
-class RunCore:
+C = TypeVar("C", bound=ClientCore)
+
+
+class RunCore(Generic[C]):
     """The sync and async task blocks' shared half: the task's grants, its claim
-    token, deadline and the secrets claimed so far."""
+    token, deadline and the secrets claimed so far. `_prepare` adds the block's own
+    lock and heartbeat machinery."""
 
     def __init__(
         self,
+        client: C,
         task: str,
         *,
         grants: dict[str, str],
@@ -372,6 +377,7 @@ class RunCore:
         claim_timeout: float,
     ) -> None:
         self.id = task
+        self._client = client
         self._grants = dict(grants)
         self._max_duration = int(max_duration)
         self._workload, self._parent = workload, parent
@@ -382,6 +388,10 @@ class RunCore:
         self._t0 = 0.0
         self.deadline: datetime | None = None
         self.answer: TaskAnswer | None = None
+        self._prepare()
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, deadline={self.deadline!r})"

@@ -161,31 +161,10 @@ class AsyncClient(ClientCore):
         )
 
 
-class AsyncTaskRun(RunCore):
+class AsyncTaskRun(RunCore[AsyncClient]):
     """`async with client.task(...) as t`: the running task."""
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        task: str,
-        *,
-        grants: dict[str, str],
-        max_duration: int,
-        workload: str | None,
-        parent: str | None,
-        heartbeat_every: float | None,
-        claim_timeout: float,
-    ) -> None:
-        super().__init__(
-            task,
-            grants=grants,
-            max_duration=max_duration,
-            workload=workload,
-            parent=parent,
-            heartbeat_every=heartbeat_every,
-            claim_timeout=claim_timeout,
-        )
-        self._client = client
+    def _prepare(self) -> None:
         self._lock = asyncio.Lock()
         self._beat: asyncio.Task[None] | None = None
 

@@ -185,32 +185,11 @@ class Client(ClientCore):
         )
 
 
-class TaskRun(RunCore):
+class TaskRun(RunCore[Client]):
     """`with client.task(...) as t`: the running task. `t.id`, `t.deadline`,
     `t.credential(grant)`."""
 
-    def __init__(
-        self,
-        client: Client,
-        task: str,
-        *,
-        grants: dict[str, str],
-        max_duration: int,
-        workload: str | None,
-        parent: str | None,
-        heartbeat_every: float | None,
-        claim_timeout: float,
-    ) -> None:
-        super().__init__(
-            task,
-            grants=grants,
-            max_duration=max_duration,
-            workload=workload,
-            parent=parent,
-            heartbeat_every=heartbeat_every,
-            claim_timeout=claim_timeout,
-        )
-        self._client = client
+    def _prepare(self) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
