@@ -1,4 +1,5 @@
-"""What the sync and async clients share: configuration, events, ids, answers, retries."""
+"""What the sync and async clients share: configuration, events, ids, requests, retry
+decisions, answers, and the task block's state."""
 
 from __future__ import annotations
 
