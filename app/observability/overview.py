@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Float, and_, cast, extract, literal_column, or_
 from sqlmodel import Session, col, func, select
 
@@ -21,18 +22,26 @@ from app.core.models import (
     Credential,
     CredState,
     Sweep,
-    SweepCounts,
     Task,
     TaskState,
 )
 
 
-class SweepInfo(SweepCounts):
-    """One sweep as the dashboard and GET /v1/sweeps show it."""
+class SweepInfo(BaseModel):
+    """One sweep as the dashboard and GET /v1/sweeps (SweepOut) show it; the counts
+    are SweepCounts' (SWEEP_COUNTS), each required in an answer."""
+
+    model_config = ConfigDict(frozen=True)
 
     id: str
     started_at: datetime
     finished_at: datetime | None
+    checked: int
+    orphans_revoked: int
+    vanished: int
+    rerevoked: int
+    redriven: int
+    errors: int
 
 
 @dataclass
