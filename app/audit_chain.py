@@ -20,7 +20,6 @@ import rfc8785
 from app.core.models import AuditEntry
 
 GENESIS = "0" * 64
-FIELDS = ("id", "at", "tenant", "actor", "action", "task", "credential", "reason", "detail")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -28,11 +27,12 @@ def iso(value: Any) -> str:
     return str(value.isoformat()).replace("+00:00", "Z")
 
 
-def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
-    """The entry as GET /v1/audit shows it (`task` is the orchestrator's task id)."""
+def view(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
+    """The entry as GET /v1/audit shows it (`task` is the orchestrator's task id);
+    `at` stays a datetime for the API's JSON to render."""
     return {
         "id": entry.id,
-        "at": iso(entry.at),
+        "at": entry.at,
         "tenant": entry.tenant,
         "actor": entry.actor,
         "action": entry.action,
@@ -41,6 +41,11 @@ def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
         "reason": entry.reason,
         "detail": entry.detail,
     }
+
+
+def record(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
+    """The entry as GET /v1/audit shows it, `at` as RFC 3339 text: what is hashed."""
+    return {**view(entry, task_name), "at": iso(entry.at)}
 
 
 def chain_hash(prev: str, unhashed: dict[str, Any]) -> str:

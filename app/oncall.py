@@ -128,6 +128,26 @@ def _print(data: Any, as_json: bool, render: Any) -> None:
         _out(render(data))
 
 
+def _list(
+    path: str,
+    columns: list[tuple[str, str, int]],
+    empty: str,
+    *,
+    as_json: bool,
+    every: bool = False,
+    **params: Any,
+) -> None:
+    """Print a list endpoint's rows (up to MAX_PAGES pages with `every`) as a table."""
+    with Api() as api:
+        rows = list(api.pages(path, every=every, **params))
+    _print(rows, as_json, lambda r: table(r, columns) if r else empty)
+
+
+TenantOpt = Annotated[str | None, typer.Option(help="an admin key: one tenant")]
+LimitOpt = Annotated[int, typer.Option(min=1, max=500, help="per page")]
+AllOpt = Annotated[bool, typer.Option("--all", help=f"follow up to {MAX_PAGES} pages")]
+
+
 CRED_COLUMNS = [
     ("id", "ID", 28),
     ("task", "TASK", 32),
@@ -147,28 +167,25 @@ def credentials_list(
     task: Annotated[
         str | None, typer.Option(help="only of this task (the orchestrator's id)")
     ] = None,
-    tenant: Annotated[str | None, typer.Option(help="an admin key: one tenant")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500, help="per page")] = 50,
-    all_pages: Annotated[
-        bool, typer.Option("--all", help=f"follow up to {MAX_PAGES} pages")
-    ] = False,
+    tenant: TenantOpt = None,
+    limit: LimitOpt = 50,
+    all_pages: AllOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The ledger's credentials, newest first, never a secret (an operator key;
     LEASEHOLD_URL, LEASEHOLD_KEY)."""
-    with Api() as api:
-        rows = list(
-            api.pages(
-                "/v1/credentials",
-                every=all_pages,
-                state=state.value if state else None,
-                profile=profile,
-                task=task,
-                tenant=tenant,
-                limit=limit,
-            )
-        )
-    _print(rows, as_json, lambda r: table(r, CRED_COLUMNS) if r else "no credentials")
+    _list(
+        "/v1/credentials",
+        CRED_COLUMNS,
+        "no credentials",
+        as_json=as_json,
+        every=all_pages,
+        state=state.value if state else None,
+        profile=profile,
+        task=task,
+        tenant=tenant,
+        limit=limit,
+    )
 
 
 @credentials_cli.command("revoke")
@@ -198,27 +215,24 @@ def tasks_list(
     state: Annotated[TaskState | None, typer.Option(help="only in this state")] = None,
     source: Annotated[str | None, typer.Option(help="only from this event source")] = None,
     workload: Annotated[str | None, typer.Option(help="only of this workload")] = None,
-    tenant: Annotated[str | None, typer.Option(help="an admin key: one tenant")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500, help="per page")] = 50,
-    all_pages: Annotated[
-        bool, typer.Option("--all", help=f"follow up to {MAX_PAGES} pages")
-    ] = False,
+    tenant: TenantOpt = None,
+    limit: LimitOpt = 50,
+    all_pages: AllOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Tasks, newest first (LEASEHOLD_URL, LEASEHOLD_KEY)."""
-    with Api() as api:
-        rows = list(
-            api.pages(
-                "/v1/tasks",
-                every=all_pages,
-                state=state.value if state else None,
-                source=source,
-                workload=workload,
-                tenant=tenant,
-                limit=limit,
-            )
-        )
-    _print(rows, as_json, lambda r: table(r, TASK_COLUMNS) if r else "no tasks")
+    _list(
+        "/v1/tasks",
+        TASK_COLUMNS,
+        "no tasks",
+        as_json=as_json,
+        every=all_pages,
+        state=state.value if state else None,
+        source=source,
+        workload=workload,
+        tenant=tenant,
+        limit=limit,
+    )
 
 
 def _render_task(task: dict[str, Any]) -> str:
@@ -269,9 +283,7 @@ def sweeps(
 ) -> None:
     """Recent reconciliation sweeps and what they found (an admin key; LEASEHOLD_URL,
     LEASEHOLD_KEY)."""
-    with Api() as api:
-        rows = list(api.pages("/v1/sweeps", every=False, limit=limit))
-    _print(rows, as_json, lambda r: table(r, SWEEP_COLUMNS) if r else "no sweeps yet")
+    _list("/v1/sweeps", SWEEP_COLUMNS, "no sweeps yet", as_json=as_json, limit=limit)
 
 
 TAIL_COLUMNS = [
@@ -307,7 +319,7 @@ def tail(
         str | None, typer.Option(help="only this action (minted, revoked, ...)")
     ] = None,
     task: Annotated[str | None, typer.Option(help="only this task")] = None,
-    tenant: Annotated[str | None, typer.Option(help="an admin key: one tenant")] = None,
+    tenant: TenantOpt = None,
     interval: Annotated[float, typer.Option(min=0.2, max=60, help="seconds between polls")] = 1.0,
     seconds: Annotated[
         float | None, typer.Option("--for", min=0, help="stop after this many seconds")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from sqlmodel import Session, col, func, select
 
 from app.core.models import UNSETTLED_CRED_STATES, Credential
 from app.core.settings import Settings, get_settings
 from app.profiles import Profile, ProfileError, ProxyProfile, get_profiles, webhook_url_problem
-
-logger = logging.getLogger("leasehold")
 
 
 def removed_profiles_in_use(session: Session, profiles: dict[str, Profile]) -> dict[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -12,6 +11,7 @@ from sqlmodel import col, select
 from app.api.auth import OperatorKey, tenant_scope
 from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
+from app.audit_chain import view
 from app.core.db import SessionDep
 from app.core.models import AuditEntry, Task
 
@@ -33,20 +33,6 @@ class AuditOut(BaseModel):
 class AuditPage(BaseModel):
     items: list[AuditOut]
     next: str | None
-
-
-def audit_view(entry: AuditEntry, task_name: str | None) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "at": entry.at,
-        "tenant": entry.tenant,
-        "actor": entry.actor,
-        "action": entry.action,
-        "task": task_name,
-        "credential": entry.credential_id,
-        "reason": entry.reason,
-        "detail": entry.detail,
-    }
 
 
 @router.get(
@@ -87,5 +73,5 @@ def list_audit(
         if task_ids
         else {}
     )
-    items = [audit_view(r, names_by_id.get(r.task_id or "")) for r in rows]
+    items = [view(r, names_by_id.get(r.task_id or "")) for r in rows]
     return ApiJSON({"items": items, "next": nxt})

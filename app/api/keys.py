@@ -61,20 +61,8 @@ class KeyPage(BaseModel):
 
 
 def key_view(key: ApiKey) -> dict[str, Any]:
-    """A key as the API shows it: never its secret nor its hash."""
-    return {
-        "id": key.id,
-        "name": key.name,
-        "role": key.role,
-        "tenant": key.tenant,
-        "sources": key.sources,
-        "workloads": key.workloads,
-        "profiles": key.profiles,
-        "created_at": key.created_at,
-        "last_used_at": key.last_used_at,
-        "expires_at": key.expires_at,
-        "revoked_at": key.revoked_at,
-    }
+    """A key as the API shows it (KeyOut's fields): never its secret nor its hash."""
+    return {name: getattr(key, name) for name in KeyOut.model_fields}
 
 
 @router.get("/v1/keys", response_class=ApiJSON, response_model=KeyPage)

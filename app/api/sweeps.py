@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -16,20 +15,12 @@ from app.api.paging import page
 from app.api.schemas import ApiJSON, errors
 from app.core.db import SessionDep
 from app.core.models import SWEEP_COUNTS, Sweep
+from app.observability.overview import SweepInfo
 
 router = APIRouter(tags=["sweeps"], responses=errors(401, 403))
 
 
-class SweepOut(BaseModel):
-    id: str
-    started_at: datetime
-    finished_at: datetime | None
-    checked: int
-    orphans_revoked: int
-    vanished: int
-    rerevoked: int
-    redriven: int
-    errors: int
+class SweepOut(SweepInfo):
     detail: dict[str, Any] | None = Field(None, description="in a single sweep's answer")
 
 

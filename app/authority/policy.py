@@ -290,7 +290,6 @@ class Status:
     path: Path
     in_force: PolicySet | None
     error: str | None  # why the file on disk is not the set in force
-    reload_errors: int
 
 
 class Engine:
@@ -304,7 +303,6 @@ class Engine:
         self._signature: tuple[int, int, int] | None = None  # (mtime_ns, size, inode)
         self._next_check = 0.0
         self._error: str | None = None
-        self._reload_errors = 0
         self._started = False
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -386,7 +384,6 @@ class Engine:
 
     def _refused(self, message: str) -> None:
         self._error = message
-        self._reload_errors += 1
         in_force = self._current.sha[:12] if self._current else "none"
         # An error log reaches Sentry through the logging integration.
         logger.error(
@@ -402,7 +399,7 @@ class Engine:
 
     def status(self) -> Status:
         self.current()
-        return Status(self.path, self._current, self._error, self._reload_errors)
+        return Status(self.path, self._current, self._error)
 
 
 _engines: dict[tuple[Path, bool], Engine] = {}

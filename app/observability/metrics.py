@@ -91,7 +91,6 @@ EVENT_REJECTIONS = {
     429: "rate_limited",
     503: "unavailable",
 }
-EVENT_OUTCOMES = ("accepted", "duplicate", *EVENT_REJECTIONS.values(), "error")
 _LOCK_FILE = ".lock"  # not *.db: the collector globs those
 
 

@@ -12,14 +12,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Float, and_, cast, extract, literal_column, or_
 from sqlmodel import Session, col, func, select
 
-from app.core.models import AuditEntry, Credential, CredState, Sweep, Task, TaskState
+from app.core.models import (
+    SWEEP_COUNTS,
+    AuditEntry,
+    Credential,
+    CredState,
+    Sweep,
+    Task,
+    TaskState,
+)
 
 
-@dataclass(frozen=True)
-class SweepInfo:
+class SweepInfo(BaseModel):
+    """One sweep as the dashboard and GET /v1/sweeps (SweepOut) show it; the counts
+    are SweepCounts' (SWEEP_COUNTS), each required in an answer."""
+
+    model_config = ConfigDict(frozen=True)
+
     id: str
     started_at: datetime
     finished_at: datetime | None
@@ -128,12 +141,7 @@ def _sweep_info(row: Sweep) -> SweepInfo:
         id=row.id,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        checked=row.checked,
-        orphans_revoked=row.orphans_revoked,
-        vanished=row.vanished,
-        rerevoked=row.rerevoked,
-        redriven=row.redriven,
-        errors=row.errors,
+        **{name: getattr(row, name) for name in SWEEP_COUNTS},
     )
 
 

@@ -51,37 +51,31 @@ SECRET_SECONDS = 10.0  # how long a static secret stays in this process's memory
 BUFFERED = 1024 * 1024  # answers up to this size get a corrected Content-Length
 _PREFIX = re.compile(rb"^/p/([0-9a-f]{1,32})(/.*)?$", re.DOTALL)
 _QUERY = re.compile(rb"^[\x21-\x7e]*$")
+# Hop-by-hop headers (RFC 9110 7.6.1): never forwarded either way.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # Never forwarded from the workload (besides the injected header's name).
-_DROP_REQUEST = frozenset(
-    {
-        "authorization",
-        "host",
-        "forwarded",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        "accept-encoding",
-        "content-length",  # set again below from the checked value
-    }
-)
-_DROP_RESPONSE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",  # recomputed after redaction, or chunked
-        "content-encoding",  # httpx decodes whatever the upstream sent anyway
-    }
-)
+_DROP_REQUEST = _HOP_BY_HOP | {
+    "authorization",
+    "host",
+    "forwarded",
+    "expect",
+    "accept-encoding",
+    "content-length",  # set again below from the checked value
+}
+_DROP_RESPONSE = _HOP_BY_HOP | {
+    "content-length",  # recomputed after redaction, or chunked
+    "content-encoding",  # httpx decodes whatever the upstream sent anyway
+}
 
 
 class Refused(Exception):

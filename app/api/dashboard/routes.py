@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -289,9 +290,10 @@ def _viewer_in_own_session(request: Request) -> Viewer | None:
         return viewer_of(request, session)
 
 
-@router.get("/credentials/{credential_id}/revoke", response_class=HTMLResponse)
-def confirm_revoke(request: Request, credential_id: str, session: SessionDep) -> Response:
-    """The confirmation, as a page (the script shows the same form in a dialog)."""
+def _visible_credential(
+    request: Request, session: Session, credential_id: str
+) -> tuple[Viewer, Credential] | Response:
+    """The signed-in viewer and a credential in its scope; else the page that says why."""
     viewer = viewer_of(request, session)
     if viewer is None:
         return _to("/dashboard/login")
@@ -301,26 +303,31 @@ def confirm_revoke(request: Request, credential_id: str, session: SessionDep) ->
         return _page(
             request, "message.html", status=404, title="Not found", message="No such credential."
         )
-    task = session.get(Task, cred.task_id)
-    return _page(request, "confirm_revoke.html", viewer=viewer, cred=cred, task=task)
+    return viewer, cred
 
 
-def _revoke(request: Request, credential_id: str, csrf: str | None) -> tuple[int, str]:
+# A form's action, run as the signed-in viewer: the dashboard query its redirect
+# carries; an ApiError is shown on a message page.
+FormAction = Callable[[Viewer, Session, dict[str, str]], dict[str, str]]
+
+
+def _act(request: Request, form: dict[str, str], action: FormAction) -> tuple[int, Any]:
+    """(200, the action's query) or (status, message), checking the session and CSRF token."""
     with Session(get_engine(), expire_on_commit=False) as session:
         viewer = viewer_of(request, session)
         if viewer is None:
             return 401, "Sign in again."
-        if not csrf_ok(viewer.nonce, csrf):
+        if not csrf_ok(viewer.nonce, form.get("csrf")):
             return 403, "Refused: missing or wrong CSRF token."
-        try:  # the API's own revoke: same ledger transition, audit entry and enqueue
-            revoke_credential(credential_id, viewer.key, session)
+        try:  # the API's own endpoints: same ledger transition, audit entry and enqueue
+            return 200, action(viewer, session, form)
         except ApiError as exc:
             return exc.status, exc.message
-    return 202, ""
 
 
-@router.post("/credentials/{credential_id}/revoke")
-async def revoke(request: Request, credential_id: str) -> Response:
+async def _post_form(request: Request, action: FormAction, failed: str) -> Response:
+    """A same-origin form post: its action, then back to the dashboard with a notice,
+    or a message page titled `failed`."""
     form = await _form(request)
     if not _same_origin(request):
         return _page(
@@ -330,26 +337,41 @@ async def revoke(request: Request, credential_id: str) -> Response:
             title="Refused",
             message="Cross-site request refused.",
         )
-    status, message = await run_in_threadpool(_revoke, request, credential_id, form.get("csrf"))
-    if status == 202:
-        return _to(f"/dashboard?{urlencode({'revoked': credential_id})}")
+    status, result = await run_in_threadpool(_act, request, form, action)
+    if status == 200:
+        return _to(f"/dashboard?{urlencode(result)}")
     if status == 401:
         return _to("/dashboard/login")
-    return _page(request, "message.html", status=status, title="Not revoked", message=message)
+    return _page(request, "message.html", status=status, title=failed, message=result)
+
+
+@router.get("/credentials/{credential_id}/revoke", response_class=HTMLResponse)
+def confirm_revoke(request: Request, credential_id: str, session: SessionDep) -> Response:
+    """The confirmation, as a page (the script shows the same form in a dialog)."""
+    found = _visible_credential(request, session, credential_id)
+    if isinstance(found, Response):
+        return found
+    viewer, cred = found
+    task = session.get(Task, cred.task_id)
+    return _page(request, "confirm_revoke.html", viewer=viewer, cred=cred, task=task)
+
+
+@router.post("/credentials/{credential_id}/revoke")
+async def revoke(request: Request, credential_id: str) -> Response:
+    def action(viewer: Viewer, session: Session, form: dict[str, str]) -> dict[str, str]:
+        revoke_credential(credential_id, viewer.key, session)
+        return {"revoked": credential_id}
+
+    return await _post_form(request, action, "Not revoked")
 
 
 @router.get("/credentials/{credential_id}/decide", response_class=HTMLResponse)
 def confirm_decision(request: Request, credential_id: str, session: SessionDep) -> Response:
     """A grant awaiting approval, with its task's context, and the approve/deny form."""
-    viewer = viewer_of(request, session)
-    if viewer is None:
-        return _to("/dashboard/login")
-    cred = session.get(Credential, credential_id)
-    scope = viewer.scope(None)
-    if cred is None or (scope is not None and cred.tenant != scope):
-        return _page(
-            request, "message.html", status=404, title="Not found", message="No such credential."
-        )
+    found = _visible_credential(request, session, credential_id)
+    if isinstance(found, Response):
+        return found
+    viewer, cred = found
     if cred.state != CredState.awaiting_approval:
         return _page(
             request,
@@ -374,45 +396,17 @@ def confirm_decision(request: Request, credential_id: str, session: SessionDep) 
     )
 
 
-def _decide(
-    request: Request, credential_id: str, form: dict[str, str], approve: bool
-) -> tuple[int, str]:
-    with Session(get_engine(), expire_on_commit=False) as session:
-        viewer = viewer_of(request, session)
-        if viewer is None:
-            return 401, "Sign in again."
-        if not csrf_ok(viewer.nonce, form.get("csrf")):
-            return 403, "Refused: missing or wrong CSRF token."
+async def _decision(request: Request, credential_id: str, approve: bool) -> Response:
+    def action(viewer: Viewer, session: Session, form: dict[str, str]) -> dict[str, str]:
         try:
             body = DecisionIn(reason=form.get("reason") or None)
         except ValidationError as exc:
-            return 422, "Reason: " + "; ".join(e["msg"] for e in exc.errors())
+            raise ApiError(422, "Reason: " + "; ".join(e["msg"] for e in exc.errors())) from None
         decide = approve_credential if approve else deny_credential
-        try:  # the API's own endpoint: same ledger transition, audit entry and enqueue
-            decide(credential_id, viewer.key, session, body)
-        except ApiError as exc:
-            return exc.status, exc.message
-    return 200, ""
+        decide(credential_id, viewer.key, session, body)
+        return {"approved" if approve else "denied": credential_id}
 
-
-async def _decision(request: Request, credential_id: str, approve: bool) -> Response:
-    form = await _form(request)
-    if not _same_origin(request):
-        return _page(
-            request,
-            "message.html",
-            status=403,
-            title="Refused",
-            message="Cross-site request refused.",
-        )
-    status, message = await run_in_threadpool(_decide, request, credential_id, form, approve)
-    if status == 200:
-        done = "approved" if approve else "denied"
-        return _to(f"/dashboard?{urlencode({done: credential_id})}")
-    if status == 401:
-        return _to("/dashboard/login")
-    title = "Not approved" if approve else "Not denied"
-    return _page(request, "message.html", status=status, title=title, message=message)
+    return await _post_form(request, action, "Not approved" if approve else "Not denied")
 
 
 @router.post("/credentials/{credential_id}/approve")
@@ -434,48 +428,23 @@ SWITCH_NOTICES = {
 }
 
 
-def _switch_action(
-    request: Request, form: dict[str, str], switch_id: str | None
-) -> tuple[int, str]:
-    """Throw (switch_id None) or lift a switch through the API's own endpoints."""
-    with Session(get_engine(), expire_on_commit=False) as session:
-        viewer = viewer_of(request, session)
-        if viewer is None:
-            return 401, "Sign in again."
-        if not csrf_ok(viewer.nonce, form.get("csrf")):
-            return 403, "Refused: missing or wrong CSRF token."
-        try:
-            if switch_id is not None:
-                lift_switch(switch_id, viewer.key, session)
-                return 200, "lifted"
-            fields = {f: form.get(f, "").strip() or None for f in ledger.SWITCH_FIELDS}
-            try:
-                body = SwitchIn(**fields)
-            except ValidationError as exc:
-                return 422, "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
-            throw_switch(body, viewer.key)
-        except ApiError as exc:
-            return exc.status, exc.message
-    return 200, "thrown"
-
-
 async def _switch_form(request: Request, switch_id: str | None) -> Response:
-    form = await _form(request)
-    if not _same_origin(request):
-        return _page(
-            request,
-            "message.html",
-            status=403,
-            title="Refused",
-            message="Cross-site request refused.",
-        )
-    status, message = await run_in_threadpool(_switch_action, request, form, switch_id)
-    if status == 200:
-        return _to(f"/dashboard?{urlencode({'switch': message})}")
-    if status == 401:
-        return _to("/dashboard/login")
-    title = "Not lifted" if switch_id else "Not thrown"
-    return _page(request, "message.html", status=status, title=title, message=message)
+    """Throw (switch_id None) or lift a switch through the API's own endpoints."""
+
+    def action(viewer: Viewer, session: Session, form: dict[str, str]) -> dict[str, str]:
+        if switch_id is not None:
+            lift_switch(switch_id, viewer.key, session)
+            return {"switch": "lifted"}
+        fields = {f: form.get(f, "").strip() or None for f in ledger.SWITCH_FIELDS}
+        try:
+            body = SwitchIn(**fields)
+        except ValidationError as exc:
+            message = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ApiError(422, message) from None
+        throw_switch(body, viewer.key)
+        return {"switch": "thrown"}
+
+    return await _post_form(request, action, "Not lifted" if switch_id else "Not thrown")
 
 
 @router.post("/revocations")
