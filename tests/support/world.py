@@ -88,7 +88,6 @@ max_ttl = 900
 tenants = ["t2"]
 """
 
-INSTALLATION: dict[str, str] = {}
 SESSION_ENV: dict[str, str] = {}  # os.environ as configure() left it (and start() fixed it)
 
 
@@ -143,17 +142,22 @@ class World:
             self.bao = start_dev_server(root_token=token, log_path=log)
             for env in (os.environ, SESSION_ENV):
                 env["LEASEHOLD_VAULT_ADDR"] = self.bao.addr
-        self._seed_openbao()
-        self._create_databases()
-        from app.core.migrate import upgrade
-        from app.core.settings import get_settings
+        self.installation_id = "-"  # until the ledger says; stop() needs one
+        try:
+            self._seed_openbao()
+            self._create_databases()
+            from app.core.migrate import upgrade
+            from app.core.settings import get_settings
 
-        get_settings.cache_clear()
-        upgrade(_sqlalchemy_url(f"{PG}/{LEDGER_DB}"))
-        with psycopg.connect(f"{PG}/{LEDGER_DB}") as conn:
-            row = conn.execute("SELECT id FROM installation").fetchone()
-        assert row is not None
-        self.installation_id = INSTALLATION["id"] = str(row[0])
+            get_settings.cache_clear()
+            upgrade(_sqlalchemy_url(f"{PG}/{LEDGER_DB}"))
+            with psycopg.connect(f"{PG}/{LEDGER_DB}") as conn:
+                row = conn.execute("SELECT id FROM installation").fetchone()
+            assert row is not None
+            self.installation_id = str(row[0])
+        except BaseException:
+            self.stop()  # a half-made world leaves nothing behind
+            raise
 
     def _seed_openbao(self) -> None:
         import hvac
