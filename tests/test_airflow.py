@@ -17,10 +17,14 @@ from sqlmodel import select
 
 from app.core.db import session_scope
 from app.core.models import Event, Task
-from tests.client_support import leasehold_api
-from tests.conftest import HOME, ROOT, wait_until
-from tests.helpers import credentials_of
-from tests.orchestrator_venv import orchestrator_python
+from tests.support.api import credentials_of
+from tests.support.client import leasehold_api
+from tests.support.procs import wait_until
+from tests.support.venvs import orchestrator_python
+from tests.support.world import HOME, ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 DAG = "leasehold_report"
 

@@ -25,8 +25,12 @@ from sqlmodel import select
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, Task
 from app.profiles import ProfileError, parse_profiles, webhook_url_problem
-from tests.conftest import DATA_DB, ROOT, RUN, wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import wait_until
+from tests.support.world import DATA_DB, ROOT, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 WORKLOAD = "spiffe://example.org/agent/gated-test"
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, event, started, unique
+import pytest
+
+from tests.support.api import auth, claim_url, event, started, unique
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def _audit(client: Any, key: str, **params: Any) -> Any:

@@ -24,7 +24,11 @@ from app.core.models import AuditEntry, utcnow
 from app.core.settings import get_settings
 from schedules import audit_export
 from schedules.lock import ledger_lock
-from tests.conftest import ROOT, wait_until
+from tests.support.procs import wait_until
+from tests.support.world import ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 CLI = [sys.executable, "-m", "app.cli"]
 

@@ -20,13 +20,17 @@ import pytest
 import redis
 from leasehold_client import Client
 
-from tests.client_support import leasehold_api
-from tests.conftest import HOME, ROOT, RUN, stop_process, wait_until
-from tests.helpers import credentials_of
+from tests.support.api import credentials_of
+from tests.support.client import leasehold_api
+from tests.support.procs import stop_process, wait_for_line, wait_until
+from tests.support.world import HOME, ROOT, RUN
 
 PREFIX = f"lhclient{RUN}:"
 os.environ["CLIENT_APP_PREFIX"] = PREFIX  # read when the app module is imported below
 from tests import celery_client_app as capp  # noqa: E402
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 SEEN = HOME / "celery-client-seen.txt"
 
@@ -53,6 +57,7 @@ def tap() -> Iterator[Path]:
 
 def start_app_worker(api_url: str, emitter: str, name: str, *args: str) -> subprocess.Popen[bytes]:
     log = HOME / f"celery-client-{name}.log"
+    since = log.stat().st_size if log.exists() else 0
     env = {
         **os.environ,
         "LEASEHOLD_URL": api_url,
@@ -82,13 +87,7 @@ def start_app_worker(api_url: str, emitter: str, name: str, *args: str) -> subpr
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited: {log.read_text()[-2000:]}")
-        return "ready." in log.read_text()
-
-    wait_until(ready, timeout=30, interval=0.2)
+    wait_for_line(proc, log, "ready.", since=since)
     return proc
 
 

@@ -9,14 +9,18 @@ from typing import Any
 from unittest import mock
 
 import psycopg
+import pytest
 import redis
 from sqlmodel import select
 
 from app.core import sealing
 from app.core.db import session_scope
 from app.core.models import AuditEntry
-from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def second_claims(cred_id: str) -> int:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,16 +18,14 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import HOME, ROOT, RUN, stop_process, wait_until
-from tests.helpers import auth, event, started, states
+from tests.support.api import auth, event, started, states
+from tests.support.procs import free_port, start_api, stop_process, wait_until
+from tests.support.world import HOME, ROOT, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 CLI = [sys.executable, "-m", "app.cli"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli(
@@ -52,27 +49,8 @@ def unique_name(prefix: str) -> str:
 @pytest.fixture(scope="module")
 def api_url() -> Iterator[str]:
     """A real `leasehold api --port P` process on the test run's ledger."""
-    port = free_port()
-    log = HOME / f"cli-api-{port}.log"
-    proc = subprocess.Popen(
-        [*CLI, "api", "--port", str(port)],
-        cwd=ROOT,
-        env=dict(os.environ),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"api exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    proc, url = start_api(HOME / f"cli-api-{RUN}.log")
     try:
-        wait_until(healthy, timeout=30, interval=0.1)
         yield url
     finally:
         stop_process(proc)

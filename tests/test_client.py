@@ -24,9 +24,13 @@ from sqlmodel import select
 
 from app.core.db import session_scope
 from app.core.models import Event, Task
-from tests.client_support import leasehold_api, read_until
-from tests.conftest import HOME, ROOT, RUN, wait_until
-from tests.helpers import credentials_of
+from tests.support.api import credentials_of
+from tests.support.client import leasehold_api
+from tests.support.procs import read_until, wait_until
+from tests.support.world import HOME, ROOT, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 @pytest.fixture(scope="module")

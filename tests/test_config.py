@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from app.profiles import (
@@ -24,8 +23,12 @@ from app.profiles import (
     load_profiles,
     parse_profiles,
 )
-from tests.conftest import HOME, REDIS_URL, ROOT, stop_process, wait_until
-from tests.helpers import auth, event, started, states, unique
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import free_port, stop_process, wait_healthy, wait_until
+from tests.support.world import HOME, REDIS_URL, ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 CLI = [sys.executable, "-m", "app.cli"]
 SAMPLE = ROOT / "app" / "sample" / "profiles.toml"
@@ -48,14 +51,6 @@ def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 30):
         )
     except subprocess.TimeoutExpired as exc:  # e.g. `api` started instead of refusing
         raise AssertionError(f"`leasehold {' '.join(args)}` did not stop: {exc.stderr!r}") from None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- LEASEHOLD_ENV=production ------------------------------------------------
@@ -366,16 +361,7 @@ def test_removed_profile_with_live_credentials_stops_start_up(
             stderr=subprocess.STDOUT,
         )
         try:
-
-            def healthy() -> bool:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    url = f"http://127.0.0.1:{port}/healthz"
-                    return httpx.get(url, timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(healthy, timeout=20, interval=0.1)
+            wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout=20)
         finally:
             stop_process(proc)
     finally:

@@ -5,7 +5,6 @@ CSRF and tenant rules through plain HTTP."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,8 +28,12 @@ from app.api.dashboard.sessions import SESSION, csrf_ok, csrf_token, read_sessio
 from app.core import sealing
 from app.core.db import session_scope
 from app.core.models import ApiKey, AuditEntry, Credential, Role, Sweep, Task, utcnow
-from tests.conftest import HOME, ROOT, stop_process, wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states
+from tests.support.api import auth, claim_url, credentials_of, event, started, states
+from tests.support.procs import start_api, stop_process, wait_until
+from tests.support.world import HOME, ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -60,35 +63,10 @@ def task_name(kind: str) -> str:
     return f"{kind}/{uuid.uuid4().hex[:8]}/try-1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(worker: Path, installation_id: str) -> Iterator[str]:
     """A real `leasehold api` process, reachable by the browser."""
-    port = free_port()
-    log = HOME / f"dashboard-api-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ},
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"api exited: {log.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=30, interval=0.2)
+    proc, url = start_api(HOME / "dashboard-api.log")
     yield url
     stop_process(proc)
 

@@ -10,8 +10,7 @@ from sqlmodel import func, select
 
 from app.core.db import session_scope
 from app.core.models import Credential, Event, Task
-from tests.conftest import wait_until
-from tests.helpers import (
+from tests.support.api import (
     auth,
     claim_url,
     credentials_of,
@@ -21,6 +20,10 @@ from tests.helpers import (
     task_path,
     unique,
 )
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def post(client: Any, key: str, body: Any, **kw: Any) -> Any:

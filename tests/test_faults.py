@@ -28,9 +28,8 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import DATA_DB, HOME, REDIS_URL, ROOT, wait_until
-from tests.helpers import auth, credentials_of, event, started, states, task_path, unique
-from tests.isolated import (
+from tests.support.api import auth, credentials_of, event, started, states, task_path, unique
+from tests.support.isolated import (
     PROXIED,
     TcpProxy,
     create_ledger,
@@ -39,14 +38,15 @@ from tests.isolated import (
     installation_of,
     island_env,
     remove_installation_objects,
-    signal_group,
     sql_rows,
-    start_api,
-    start_worker_group,
-    stop_group,
     vault_admin,
     write_profiles,
 )
+from tests.support.procs import signal_group, start_api, start_worker, stop_process, wait_until
+from tests.support.world import DATA_DB, HOME, REDIS_URL, ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 POSTGRES = ("reports-readonly", "short-lived", "db-proxied")
 
@@ -69,20 +69,22 @@ class Island:
         return HOME / f"island-{name}-{uuid.uuid4().hex[:6]}.log"
 
     def api(self, env: dict[str, str] | None = None) -> str:
-        proc, url = start_api(env or self.env, self.log("api"))
+        proc, url = start_api(self.log("api"), env or self.env, group=True)
         self.procs.append(proc)
         return url
 
     def worker(
         self, concurrency: int = 2, env: dict[str, str] | None = None, beat: bool = False
     ) -> subprocess.Popen[bytes]:
-        proc = start_worker_group(env or self.env, self.log("worker"), concurrency, beat)
+        args = ["--concurrency", str(concurrency), *(["--beat"] if beat else [])]
+        # In a process group of its own, so a kill takes its pool too.
+        proc = start_worker(self.log("worker"), *args, env=env or self.env, group=True)
         self.procs.append(proc)
         return proc
 
     def stop_all(self) -> None:
         while self.procs:
-            stop_group(self.procs.pop())
+            stop_process(self.procs.pop())
 
     def rows(self, task: str) -> list[dict[str, Any]]:
         rows = sql_rows(

@@ -27,8 +27,12 @@ from app.api.credentials import MAX_WAITERS, MAX_WAITERS_PER_TOKEN
 from app.core.db import session_scope
 from app.core.models import LIVE_CRED_STATES, Credential, utcnow
 from app.queue import enqueue_revoke
-from tests.conftest import DATA_DB, HOME, PROFILES, REDIS_URL, ROOT, stop_process, wait_until
-from tests.helpers import auth, claim_url, event, started, states, task_path, unique
+from tests.support.api import auth, claim_url, event, started, states, task_path, unique
+from tests.support.procs import start_api, stop_process, wait_until
+from tests.support.world import DATA_DB, HOME, PROFILES, REDIS_URL, ROOT
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 MiB = 1024 * 1024
 # Profiles only this API process knows. With approval = true nothing is ever minted, so
@@ -63,36 +67,14 @@ class Api:
         os.utime(self.profiles, (stamp, stamp))  # the API reloads on a changed mtime
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def api(worker: Path, installation_id: str) -> Iterator[Api]:
-    port = free_port()
-    log = HOME / f"hostile-api-{port}.log"
-    server = Api(f"http://127.0.0.1:{port}", 0, log, HOME / f"hostile-profiles-{port}.toml")
+    log = HOME / "hostile-api.log"
+    profiles = HOME / "hostile-profiles.toml"
+    server = Api("", 0, log, profiles)
     server.write_profiles(retired=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LEASEHOLD_PROFILES_FILE": str(server.profiles)},
-    )
+    proc, server.url = start_api(log, {**os.environ, "LEASEHOLD_PROFILES_FILE": str(profiles)})
     server.pid = proc.pid
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"api exited: {log.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=30, interval=0.2)
     try:
         yield server
     finally:

@@ -26,8 +26,11 @@ from app.authority import identity, policy
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential
 from app.core.settings import get_settings
-from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 AUD, ISS = "leasehold-test", "https://issuer.example.org"
 WORKLOAD = "spiffe://example.org/ns/reports/sa/job"

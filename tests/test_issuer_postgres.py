@@ -27,6 +27,9 @@ from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerE
 from app.issuers.postgres import PostgresIssuer, credential_dsn, scram_sha256_verifier
 from app.profiles import PostgresProfile
 
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
+
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 # On PostgreSQL < 16 pg_hba has no regex user names; .ci/pg-setup.sh adds a
 # `+leasehold_scram_login` line instead, and each group role joins that role.

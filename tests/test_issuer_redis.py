@@ -23,6 +23,9 @@ from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerE
 from app.issuers.redis import RedisIssuer, credential_url
 from app.profiles import RedisProfile
 
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
+
 URL = "redis://127.0.0.1:6379/0"
 ACL = "~task:{task}:* +get +set +del"
 

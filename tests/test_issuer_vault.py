@@ -22,7 +22,10 @@ from app.issuers.vault import VaultDynamicIssuer, VaultTokenIssuer
 from app.issuers.vault_gateway import VaultGateway, close_gateways, get_gateway, renew_own_token
 from app.local.openbao_dev import DevServer
 from app.profiles import VaultDynamicProfile, VaultTokenProfile
-from tests.openbao_fixture import openbao  # noqa: F401
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
 READ_POLICY = "lh-test-read"
@@ -57,15 +60,6 @@ def _request(seconds: float = 120, *, installation: str = "inst") -> MintRequest
     )
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_gateways() -> Iterator[None]:
     yield
@@ -73,7 +67,8 @@ def _fresh_gateways() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def vault(openbao: DevServer) -> DevServer:  # noqa: F811
+def vault(openbao: DevServer) -> DevServer:
+    """The session's OpenBao, with what these tests read (no test here restarts it)."""
     _root(openbao).sys.create_or_update_policy(
         READ_POLICY, 'path "secret/data/test/*" { capabilities = ["read"] }'
     )
@@ -372,7 +367,7 @@ def test_dynamic_mint_gives_working_db_login_and_revoke_drops_it(
     issuer.revoke(minted.ref)
 
     assert not issuer.exists(minted.ref)
-    assert _wait(lambda: not database.has_role(username), timeout=5)
+    wait_until(lambda: not database.has_role(username), timeout=5)
     issuer.revoke(minted.ref)
 
 
@@ -391,7 +386,7 @@ def test_dynamic_wrapped_secret_unwraps_once(
         workload.sys.unwrap()
 
     issuer.revoke(minted.ref)  # the lease hangs under the per-credential token
-    assert _wait(lambda: not database.has_role(data["username"]), timeout=5)
+    wait_until(lambda: not database.has_role(data["username"]), timeout=5)
 
 
 def test_dynamic_secret_goes_when_token_expires(
@@ -402,7 +397,7 @@ def test_dynamic_secret_goes_when_token_expires(
     username = minted.secret["username"]
     assert database.has_role(username)
     # Nobody revokes: the backend expires it on its own (Leasehold may be dead).
-    assert _wait(lambda: not database.has_role(username), timeout=10)
+    wait_until(lambda: not database.has_role(username), timeout=10)
     assert not issuer.exists(minted.ref)
 
 
@@ -424,7 +419,7 @@ def test_dynamic_extend_renews_the_token(
     issuer.extend(minted.ref, datetime.now(UTC) + timedelta(seconds=200))
     assert _root(vault).auth.token.lookup_accessor(minted.ref)["data"]["ttl"] > 150
     issuer.revoke(minted.ref)
-    assert _wait(lambda: not database.has_role(minted.secret["username"]), timeout=5)
+    wait_until(lambda: not database.has_role(minted.secret["username"]), timeout=5)
 
 
 def test_token_gets_default_policy_only_when_the_profile_lists_it(
@@ -480,7 +475,7 @@ def test_dynamic_lease_ends_by_the_deadline_not_the_roles_default(
     assert len(leases) == 1, leases  # the other tests' leases are gone
     assert 0 < leases[0]["ttl"] <= 40
     issuer.revoke(minted.ref)
-    assert _wait(lambda: not database.has_role(username), timeout=5)
+    wait_until(lambda: not database.has_role(username), timeout=5)
 
 
 def test_a_heartbeat_extends_the_dynamic_lease_with_the_token(
@@ -499,4 +494,4 @@ def test_a_heartbeat_extends_the_dynamic_lease_with_the_token(
     token_ttl = _root(vault).auth.token.lookup_accessor(minted.ref)["data"]["ttl"]
     assert 200 < token_ttl <= 240
     issuer.revoke(minted.ref)
-    assert _wait(lambda: _live_leases(vault) == [], timeout=5)
+    wait_until(lambda: _live_leases(vault) == [], timeout=5)

@@ -18,6 +18,9 @@ from app.observability import metrics
 from workers.backoff import backoff
 from workers.job import MAX_DELAY, job, retry_delay
 
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
+
 
 @pytest.fixture(scope="module")
 def registered() -> set[str]:

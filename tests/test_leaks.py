@@ -17,8 +17,7 @@ import redis
 from sqlalchemy import text
 
 from app.core.db import session_scope
-from tests.conftest import PREFIX, REDIS_URL, wait_until
-from tests.helpers import (
+from tests.support.api import (
     auth,
     claim_url,
     credentials_of,
@@ -28,6 +27,11 @@ from tests.helpers import (
     task_path,
     unique,
 )
+from tests.support.procs import wait_until
+from tests.support.world import PREFIX, REDIS_URL
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def server_log() -> Path:

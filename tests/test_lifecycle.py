@@ -12,8 +12,11 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 ENDINGS = ["succeeded", "failed", "cancelled", "timeout"]
 REASONS = {

@@ -25,8 +25,11 @@ from app.core.logs import JsonFormatter, log
 from app.core.models import Sweep, utcnow
 from app.core.settings import get_settings
 from app.observability import metrics, observe
-from tests.conftest import wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import free_port, start_worker, stop_process, wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 COUNTERS = {
     "leasehold_mints": {"issuer", "profile", "outcome"},
@@ -333,9 +336,6 @@ def test_a_worker_serves_its_own_metrics_on_its_port(tmp_path: Path, dead_pid: i
     with the api) serves its processes' counters; the ledger's gauges stay with the api."""
     import httpx
 
-    from tests.conftest import start_worker, stop_process
-    from tests.isolated import free_port
-
     port = free_port()
     directory = tmp_path / "metrics"
     env = {
@@ -346,7 +346,7 @@ def test_a_worker_serves_its_own_metrics_on_its_port(tmp_path: Path, dead_pid: i
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        proc = start_worker("metrics", tmp_path / "worker.log", "--concurrency", "1")
+        proc = start_worker(tmp_path / "worker.log", "--concurrency", "1")
     finally:
         for k, v in saved.items():
             if v is None:

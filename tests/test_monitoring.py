@@ -10,14 +10,19 @@ import subprocess
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import yaml
 from sqlmodel import select
 
 from app.core.db import session_scope
 from app.core.models import Credential, Task, utcnow
-from tests.conftest import ROOT, wait_until
-from tests.helpers import auth, event, started, states, unique
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import wait_until
+from tests.support.world import ROOT
 from tests.test_metrics import scrape, value
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "leasehold-rules.yml"

@@ -10,9 +10,15 @@ import sys
 import time
 from typing import Any
 
-from tests.conftest import ROOT, wait_until
-from tests.helpers import auth, event, started, states, unique
-from tests.test_cli import api_url, free_port, run_cli  # noqa: F401  (the API fixture)
+import pytest
+
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import free_port, wait_until
+from tests.support.world import ROOT
+from tests.test_cli import api_url, run_cli  # noqa: F401  (the API fixture)
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def env(url: str, key: str | None) -> dict[str, str]:

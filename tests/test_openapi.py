@@ -24,6 +24,9 @@ from app.api.auth import create_key
 from app.core.db import session_scope
 from app.core.models import Role
 
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
+
 FUZZ_EXAMPLES = 25  # per operation; derandomized, so every run sends the same requests
 
 

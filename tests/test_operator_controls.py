@@ -23,8 +23,12 @@ from app import ledger
 from app.api.auth import create_key
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, CredState, Role, Task, utcnow
-from tests.conftest import DATA_DB, HOME, ROOT, RUN, wait_until
-from tests.helpers import auth, claim_url, started, states, task_path, unique
+from tests.support.api import auth, claim_url, event, started, states, task_path, unique
+from tests.support.procs import start_api, stop_process, wait_until
+from tests.support.world import DATA_DB, HOME, ROOT, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 PG_DATA = f"postgresql://postgres@127.0.0.1:5432/{DATA_DB}"
 
@@ -344,8 +348,6 @@ def test_rotation_replaces_the_credential_and_the_claim_token(
 
 
 def _ended(name: str) -> dict[str, Any]:
-    from tests.helpers import event
-
     return event("succeeded", name)
 
 
@@ -433,13 +435,11 @@ def test_an_expired_key_answers_401(app_client: TestClient, keys: dict[str, str]
 @pytest.fixture(scope="module")
 def api_url(worker: Path) -> Iterator[str]:
     """A real `leasehold api` process on the test run's ledger."""
-    from tests.isolated import start_api, stop_group
-
-    proc, url = start_api(dict(os.environ), HOME / "o1-api.log")
+    proc, url = start_api(HOME / "o1-api.log")
     try:
         yield url
     finally:
-        stop_group(proc)
+        stop_process(proc)
 
 
 def cli(*args: str, key: str, url: str) -> subprocess.CompletedProcess[str]:

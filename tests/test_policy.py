@@ -16,8 +16,12 @@ from app.authority import policy
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, Event, Task
 from app.core.settings import get_settings
-from tests.conftest import RUN, wait_until
-from tests.helpers import auth, event, started, states, unique
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import wait_until
+from tests.support.world import RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 # kv-reader (max_ttl 900) only for workloads of the example.org trust domain, for at
 # most 600 s; task-cache only from one source and the second emitter key.

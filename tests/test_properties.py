@@ -26,7 +26,10 @@ from sqlmodel import func, select
 from app.core.db import session_scope
 from app.core.models import Credential, CredState, Task, TaskState
 from app.ledger import LedgerError
-from tests.isolated import Driver, credential, issuer, mint_request, private_ledger
+from tests.support.isolated import Driver, credential, issuer, mint_request, private_ledger
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 GRANTS = {"kv": "kv-reader", "db": "reports-readonly"}
 TERMINAL = ("task.succeeded", "task.failed", "task.cancelled")

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +31,12 @@ from app.proxy.paths import PathRefused, allowed, clean
 from app.proxy.redact import Patterns, Redactor
 from app.startup import upstream_problem
 from schedules.reconcile import reconcile
-from tests.conftest import HOME, ROOT, free_port, stop_process, wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import free_port, spawn, stop_process, wait_healthy, wait_until
+from tests.support.world import HOME
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 STATIC_KEY = "sk_live_" + secrets.token_urlsafe(24)
 BIG = 48 * 1024 * 1024  # bytes each way in the memory test
@@ -179,14 +181,10 @@ def proxy(upstream: int, worker: Path, app_client: Any) -> Iterator[str]:
     port = url.rsplit(":", 1)[1]
     log = HOME / "proxy.log"
     metrics_port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "proxy", "--port", port],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LEASEHOLD_METRICS_PORT": str(metrics_port)},
+    proc = spawn(
+        ["proxy", "--port", port], log, {**os.environ, "LEASEHOLD_METRICS_PORT": str(metrics_port)}
     )
-    wait_until(lambda: _healthy(url, proc, log), timeout=20)
+    wait_healthy(proc, url, log, timeout=20)
     Proxy.pid, Proxy.metrics = proc.pid, metrics_port
     try:
         yield url
@@ -198,15 +196,6 @@ def proxy(upstream: int, worker: Path, app_client: Any) -> Iterator[str]:
 class Proxy:
     pid = 0
     metrics = 0
-
-
-def _healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"proxy exited: {log.read_text()[-2000:]}")
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 CLAIMS: list[str] = []  # every claim answer's token: allowed in that answer only

@@ -22,9 +22,8 @@ from sqlmodel import select
 from app.core.db import session_scope
 from app.core.models import AuditEntry, CredState, Sweep
 from schedules.reconcile import LOCK_KEY, reconcile
-from tests.conftest import DATA_DB, ROOT
-from tests.helpers import auth
-from tests.isolated import (
+from tests.support.api import auth
+from tests.support.isolated import (
     PG,
     PROXIED,
     Driver,
@@ -35,8 +34,13 @@ from tests.isolated import (
     private_ledger,
     remove_installation_objects,
 )
+from tests.support.procs import stop_process, wait_until
+from tests.support.world import DATA_DB, LEDGER_DB, ROOT
 from workers.mint import extend, mint
 from workers.revoke import RevokeFailed, revoke
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +435,6 @@ def test_beat_runs_the_reconciliation(worker: Path, tmp_path: Path) -> None:
     os.environ: both the beat and the check name the session ledger outright.
     """
     import signal
-
-    from tests.conftest import LEDGER_DB, stop_process, wait_until
 
     session_ledger = f"{PG}/{LEDGER_DB}"
     with psycopg.connect(session_ledger) as conn:

@@ -6,13 +6,17 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlmodel import select
 
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, Event, Task, utcnow
 from schedules.retention import purge
-from tests.conftest import wait_until
-from tests.helpers import auth, event, started, states, unique
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import wait_until
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 
 def _age(name: str, days: int) -> None:

@@ -33,9 +33,13 @@ from app.core.db import session_scope
 from app.core.models import AuditEntry, Task, TaskCA
 from app.proxy.ca import issue_leaf, make_ca
 from app.run import env_name
-from tests.client_support import leasehold_api
-from tests.conftest import HOME, ROOT, RUN, free_port, stop_process, wait_until
-from tests.helpers import credentials_of
+from tests.support.api import credentials_of
+from tests.support.client import leasehold_api
+from tests.support.procs import free_port, spawn, stop_process, wait_healthy, wait_until
+from tests.support.world import HOME, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 STATIC_KEY = "sk_fwd_" + secrets.token_urlsafe(24)
 
@@ -114,23 +118,13 @@ def stack(
     profiles.write_text(original + PROFILES.format(run=run, **upstreams))
     proxy_url = os.environ["LEASEHOLD_PROXY_PUBLIC_URL"]
     log = HOME / "run-proxy.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "proxy", "--port", proxy_url.rsplit(":", 1)[1]],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LEASEHOLD_METRICS_PORT": str(free_port())},
+    proc = spawn(
+        ["proxy", "--port", proxy_url.rsplit(":", 1)[1]],
+        log,
+        {**os.environ, "LEASEHOLD_METRICS_PORT": str(free_port())},
     )
-
-    def healthy() -> bool:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            return httpx.get(f"{proxy_url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(healthy, timeout=20)
+        wait_healthy(proc, proxy_url, log, timeout=20)
         with leasehold_api() as api:
             yield {"api": api, "proxy": proxy_url, "key": keys["emitter"], **upstreams}
     finally:

@@ -22,8 +22,12 @@ from app.authority.scope import ScopeError, grant_refusal, normalise, source_ref
 from app.core.db import session_scope
 from app.core.models import ApiKey, Role
 from app.core.settings import get_settings
-from tests.conftest import REDIS_URL, ROOT, RUN, wait_until
-from tests.helpers import auth, event, started, states, unique
+from tests.support.api import auth, event, started, states, unique
+from tests.support.procs import wait_until
+from tests.support.world import REDIS_URL, ROOT, RUN
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 TD = "spiffe://example.org"
 

@@ -24,8 +24,12 @@ from app.core.models import utcnow
 from app.core.settings import get_settings
 from app.observability.sentry import scrub_event, shutdown_sentry
 from app.queue import REVOKE, REVOKE_QUEUE, configure, enqueue_revoke
-from tests.conftest import HOME, PREFIX, start_worker, stop_process, wait_until
-from tests.helpers import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.procs import start_worker, stop_process, wait_until
+from tests.support.world import HOME, PREFIX
+
+# The run's services (OpenBao, the ledger, the data database), started once per session.
+pytestmark = pytest.mark.usefixtures("services")
 
 URL_PASSWORD = "hunter2-url-password"
 
@@ -180,7 +184,7 @@ def test_failing_revocation_reaches_sentry_without_secrets(
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        proc = start_worker("sentry", HOME / "worker-sentry.log", "--concurrency", "1")
+        proc = start_worker(HOME / "worker-sentry.log", "--concurrency", "1")
     finally:
         for k, v in saved.items():
             if v is None:

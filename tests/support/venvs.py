@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import HOME, ROOT
+from tests.support.world import HOME, ROOT
 
 INSTALL_TIMEOUT = 900
 

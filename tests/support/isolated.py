@@ -2,19 +2,15 @@
 
 A private ledger database (so its own installation id, sharing PostgreSQL,
 Redis and OpenBao with the session's), a TCP proxy to cut a connection on
-purpose, and process helpers that can kill a whole worker (pool included).
+purpose, and the environment of another installation's processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +19,17 @@ import hvac
 import psycopg
 import redis
 
-from tests.conftest import DATA_DB, HOME, LEDGER_DB, PROFILES, REDIS_URL, ROOT, RUN, _admin_sql
-
-PG = "postgresql://postgres@127.0.0.1:5432"
-
+from tests.support.procs import free_port
+from tests.support.world import (
+    DATA_DB,
+    HOME,
+    LEDGER_DB,
+    PG,
+    PROFILES,
+    REDIS_URL,
+    RUN,
+    admin_sql,
+)
 
 # A postgres profile reached through a TcpProxy, so tests can cut the backend.
 PROXIED = """
@@ -38,18 +41,12 @@ max_ttl = 3600
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def create_ledger(tag: str) -> tuple[str, str]:
     """A fresh, migrated ledger database: (database name, plain URL)."""
     from app.core.migrate import upgrade
 
     db = f"{LEDGER_DB}_{tag}"
-    _admin_sql(f"DROP DATABASE IF EXISTS {db}", f"CREATE DATABASE {db}")
+    admin_sql(f"DROP DATABASE IF EXISTS {db}", f"CREATE DATABASE {db}")
     url = f"{PG}/{db}"
     upgrade("postgresql+psycopg" + url[len("postgresql") :])
     return db, url
@@ -215,70 +212,7 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-# --- processes --------------------------------------------------------------------------
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m app.cli ARGS` in a process group of its own (so a kill takes its pool)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-
-
-def start_worker_group(
-    env: dict[str, str], log: Path, concurrency: int = 2, beat: bool = False
-) -> subprocess.Popen[bytes]:
-    log.write_text("")
-    args = ["worker", "--concurrency", str(concurrency), *(["--beat"] if beat else [])]
-    proc = spawn(args, env, log)
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited: {log.read_text()[-2000:]}")
-        if "ready." in log.read_text():
-            return proc
-        time.sleep(0.1)
-    signal_group(proc, signal.SIGKILL)
-    raise RuntimeError(f"worker not ready: {log.read_text()[-2000:]}")
-
-
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import httpx
-
-    port = free_port()
-    proc = spawn(["api", "--port", str(port)], env, log)
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"api exited: {log.read_text()[-2000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        time.sleep(0.1)
-    signal_group(proc, signal.SIGKILL)
-    raise RuntimeError(f"api not ready: {log.read_text()[-2000:]}")
-
-
-def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-
-
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    signal_group(proc, signal.SIGKILL)  # whatever of the group is left
+# --- broker and environment ------------------------------------------------------------
 
 
 def flush_broker(prefix: str) -> int:
