@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.support.world import ROOT
 
 
 def test_proxy_bench_completes_and_prints_each_figure() -> None:
