@@ -24,9 +24,15 @@ def _count(what: str) -> None:
     os.pwrite(_state["fd"], b"%012d %012d" % (_state["statements"], _state["commits"]), 0)
 
 
+_trace = os.environ.get("LEASEHOLD_BENCH_SQL_TRACE")  # a file: each statement's start
+
+
 @event.listens_for(Engine, "before_cursor_execute")
-def _statement(*_: Any) -> None:
+def _statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
     _count("statements")
+    if _trace:
+        with open(_trace, "a") as f:
+            f.write(f"{os.getpid()} {' '.join(statement.split())[:110]}\n")
 
 
 @event.listens_for(Engine, "commit")
