@@ -539,6 +539,18 @@ def task_ca(session: Session, task_pk: str) -> TaskCA | None:
     return session.get(TaskCA, task_pk)
 
 
+def mint_inputs(session: Session, cred_id: str) -> tuple[Credential, Task, str | None] | None:
+    """A credential, its task and the task's CA certificate (if any), in one round trip:
+    what a mint needs before it calls the backend."""
+    row = session.execute(
+        select(Credential, Task, TaskCA.cert_pem)
+        .join(Task, col(Task.id) == col(Credential.task_id))
+        .outerjoin(TaskCA, col(TaskCA.task_id) == col(Task.id))
+        .where(col(Credential.id) == cred_id)
+    ).first()
+    return (row[0], row[1], row[2]) if row is not None else None
+
+
 def _parent_for(session: Session, key: ApiKey, parent_name: str | None) -> Task | None:
     if parent_name is None:
         return None
@@ -1212,18 +1224,24 @@ def activate(
     now: datetime,
     lease: str | None = None,
     token_digest: str | None = None,
+    subject: tuple[str, str, str | None, str] | None = None,
 ) -> bool:
     """Pending -> active, for the delivery holding the mint lease; False when the task
     ended meanwhile (the caller revokes) or another delivery took the lease over.
 
     A kill switch in force that matches is re-checked in the same compare-and-set: then
     the row goes to revoking (reason `kill_switch`) with what was minted, and the
-    caller revokes it at once."""
-    fields = session.execute(
-        select(Credential.tenant, Credential.profile, Task.workload, Task.source)
-        .join(Task, col(Task.id) == col(Credential.task_id))
-        .where(col(Credential.id) == cred_id)
-    ).first()
+    caller revokes it at once. `subject` is what a switch matches on (the credential's
+    tenant and profile, its task's workload and source: none of them ever changes),
+    when the caller has read it already; else it is read here."""
+    fields = (
+        subject
+        or session.execute(
+            select(Credential.tenant, Credential.profile, Task.workload, Task.source)
+            .join(Task, col(Task.id) == col(Credential.task_id))
+            .where(col(Credential.id) == cred_id)
+        ).first()
+    )
     if fields is None:
         return False
     switched = _switch_in_force(*fields)
@@ -1696,11 +1714,41 @@ def audit_export_head(session: Session) -> tuple[int, str | None]:
 def mark_exported(session: Session, marks: list[tuple[str, int, str]]) -> None:
     """Record (id, seq, hash) of entries written to the export: compare-and-set on NULL,
     so an entry is marked once; anything else means a second exporter, and fails."""
+    if not marks:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement for the batch (it was one per entry: a third of the worker's
+        # statements), the same compare-and-set per row; what did not match is named.
+        values = sqlalchemy.values(
+            sqlalchemy.column("id", sqlalchemy.String),
+            sqlalchemy.column("seq", sqlalchemy.BigInteger),
+            sqlalchemy.column("hash", sqlalchemy.String),
+            name="marks",
+        ).data(marks)
+        marked = set(
+            session.execute(
+                update(AuditEntry)
+                .where(
+                    col(AuditEntry.id) == values.c.id,
+                    col(AuditEntry.exported_seq).is_(None),
+                )
+                .values(exported_seq=values.c.seq, export_hash=values.c.hash)
+                .returning(col(AuditEntry.id))
+                .execution_options(synchronize_session=False)
+            ).scalars()
+        )
+        missed = [entry_id for entry_id, _, _ in marks if entry_id not in marked]
+        if missed:
+            raise LedgerError(409, f"audit entry {missed[0]} was not waiting for export")
+        return
     for entry_id, seq, digest in marks:
         done = session.exec(
             update(AuditEntry)
             .where(col(AuditEntry.id) == entry_id, col(AuditEntry.exported_seq).is_(None))
             .values(exported_seq=seq, export_hash=digest)
+            # Not matched against the batch the exporter holds in the session: that made
+            # each mark O(batch), the export O(batch^2).
+            .execution_options(synchronize_session=False)
         ).rowcount
         if done != 1:
             raise LedgerError(409, f"audit entry {entry_id} was not waiting for export")

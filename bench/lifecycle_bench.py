@@ -5,9 +5,14 @@ Starts its own API and worker on a scratch PostgreSQL ledger and Redis broker
   - floor: CREATE ROLE + DROP ROLE directly, two at a time over pooled connections;
   - lifecycles/s end to end: HTTP task.started -> minted -> claimed -> HTTP
     task.succeeded -> revoked (verified), with several clients at once;
-  - time to revoke at a steady 20 terminal events/s (task end -> verified revoke).
+  - OpenBao's database secrets engine doing the same job on the same PostgreSQL
+    (read a dynamic role's credentials, revoke the lease; four clients);
+  - the ratios, p50/p99 per stage, API and worker CPU per lifecycle, and the
+    statements and commits per lifecycle (counted on the driver: bench/_count_sql.py);
+  - time to revoke at a steady 20 terminal events/s and in a burst of 120 ends;
+  - API and worker resident memory over a soak (`--soak 10000` for the full one).
 
-Usage: python bench/lifecycle_bench.py [--tasks 300] [--clients 8] [--workers 2]
+Usage: python bench/lifecycle_bench.py [--tasks 300] [--clients 8] [--workers 2] [--soak N]
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import argparse
 import os
 import secrets
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +88,103 @@ def floor(db: str, n: int) -> float:
     return (n // 2 * 2) / elapsed
 
 
+def openbao_rate(db: str, n: int, clients: int = 4) -> float:
+    """OpenBao's database engine on the same PostgreSQL: read a dynamic role's
+    credentials, then revoke the lease (OpenBao drops the role), `clients` at a time."""
+    from app.local.openbao_dev import start_dev_server
+
+    group = f"lh_bench_bao_{secrets.token_hex(3)}"
+    sql(db, f'CREATE ROLE "{group}" NOLOGIN')
+    server = start_dev_server()
+    try:
+        h = {"X-Vault-Token": server.token}
+        with httpx.Client(base_url=server.addr, headers=h, timeout=30) as c:
+            c.post("/v1/sys/mounts/database", json={"type": "database"}).raise_for_status()
+            c.post(
+                "/v1/database/config/pg",
+                json={
+                    "plugin_name": "postgresql-database-plugin",
+                    "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:5432/{db}",
+                    "username": "postgres",
+                    "password": "unused",
+                    "allowed_roles": "bench",
+                    "verify_connection": True,
+                },
+            ).raise_for_status()
+            c.post(
+                "/v1/database/roles/bench",
+                json={
+                    "db_name": "pg",
+                    "creation_statements": [
+                        "CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}' "
+                        f"VALID UNTIL '{{{{expiration}}}}' IN ROLE \"{group}\""
+                    ],
+                    "default_ttl": "1h",
+                },
+            ).raise_for_status()
+
+        def run(count: int) -> None:
+            with httpx.Client(base_url=server.addr, headers=h, timeout=30) as c:
+                for _ in range(count):
+                    lease = c.get("/v1/database/creds/bench").raise_for_status().json()
+                    c.put(
+                        "/v1/sys/leases/revoke", json={"lease_id": lease["lease_id"]}
+                    ).raise_for_status()
+
+        run(4)  # warm
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(run, [n // clients] * clients))
+        return (n // clients * clients) / (time.perf_counter() - start)
+    finally:
+        server.stop()
+        with psycopg.connect(f"{PG}/{db}", autocommit=True) as c:
+            for (role,) in c.execute(
+                "SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid "
+                "JOIN pg_roles g ON g.oid = m.roleid WHERE g.rolname = %s",
+                (group,),
+            ).fetchall():
+                c.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]
+        sql(db, f'DROP ROLE "{group}"')
+
+
+def _children(pid: int) -> list[int]:
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += _children(int(child))
+    return out
+
+
+def usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, resident MiB) of a process and all its descendants."""
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    cpu = rss = 0.0
+    for p in _children(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            rss += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page / 2**20
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return cpu, rss
+
+
+def sql_totals(folder: Path) -> tuple[int, int]:
+    """(statements, commits) the API and worker processes sent, summed."""
+    s = c = 0
+    for f in folder.iterdir():
+        text = f.read_text().split()
+        if len(text) == 2:
+            s, c = s + int(text[0]), c + int(text[1])
+    return s, c
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
 def event(kind: str, subject: str, data: dict | None = None) -> dict:
     body = {
         "specversion": "1.0",
@@ -121,11 +222,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--api-workers", type=int, default=1, help="API processes")
     parser.add_argument("--steady", type=int, default=100, help="tasks for the 20/s phase")
+    parser.add_argument("--burst", type=int, default=120, help="task ends sent at once")
+    parser.add_argument("--floor", type=int, default=400, help="direct cycles")
+    parser.add_argument("--openbao", type=int, default=200, help="OpenBao cycles (0: skip)")
+    parser.add_argument("--soak", type=int, default=1000, help="lifecycles for the memory soak")
     args = parser.parse_args()
 
     run = secrets.token_hex(3)
     ledger, data = f"lh_bench_{run}", f"lh_bench_{run}_data"
     home = Path(tempfile.mkdtemp(prefix="leasehold-bench-"))
+    counts = home / "sql"
+    counts.mkdir()
     sql("postgres", f"CREATE DATABASE {ledger}", f"CREATE DATABASE {data}")
     sql(data, "CREATE TABLE reports (id int)")
     (home / "profiles.toml").write_text(
@@ -143,8 +250,16 @@ def main() -> None:
         "LEASEHOLD_PROFILES_FILE": str(home / "profiles.toml"),
         "LEASEHOLD_LOG_LEVEL": "WARNING",
         "LEASEHOLD_VAULT_ADDR": "http://127.0.0.1:1",
+        "LEASEHOLD_BENCH_SQL_DIR": str(counts),
     }
     exe = [sys.executable, "-m", "app.cli"]
+    # The API and worker count their statements (bench/_count_sql.py) before app.cli runs.
+    counted = [
+        sys.executable,
+        "-c",
+        "import runpy, sys; sys.path.insert(0, 'bench'); import _count_sql; "
+        "runpy.run_module('app.cli', run_name='__main__', alter_sys=True)",
+    ]
     subprocess.run([*exe, "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
     key = subprocess.run(
         [*exe, "keys", "create", "bench", "--role", "emitter", "--tenant", "b"],
@@ -155,17 +270,11 @@ def main() -> None:
         text=True,
     ).stdout.strip()
     log = (home / "procs.log").open("ab")
+    api = [*counted, "api", "--port", str(port), "--workers", str(args.api_workers)]
+    worker = [*counted, "worker", "--concurrency", str(args.workers), "--beat"]
     procs = [
-        subprocess.Popen(
-            [*exe, "api", "--port", str(port)], env=env, cwd=ROOT, stdout=log, stderr=log
-        ),
-        subprocess.Popen(
-            [*exe, "worker", "--concurrency", str(args.workers), "--beat"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
-        ),
+        subprocess.Popen(api, env=env, cwd=ROOT, stdout=log, stderr=log),
+        subprocess.Popen(worker, env=env, cwd=ROOT, stdout=log, stderr=log),
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -176,7 +285,10 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         time.sleep(2)  # the worker's pools warm up
-        print(f"floor: direct create+drop role, 2 at a time: {floor(data, 400):.0f} /s")
+        direct = floor(data, args.floor)
+        print(f"floor: direct create+drop role, 2 at a time: {direct:.0f} /s")
+        bao = openbao_rate(data, args.openbao) if args.openbao else float("nan")
+        print(f"openbao: database engine read creds + revoke lease, 4 clients: {bao:.0f} /s")
 
         client = httpx.Client(
             base_url=url,
@@ -185,7 +297,7 @@ def main() -> None:
             limits=httpx.Limits(max_connections=args.clients * 2),
         )
 
-        def lifecycle(name: str) -> None:
+        def start(name: str) -> str:
             r = client.post(
                 "/v1/events",
                 json=event(
@@ -194,76 +306,106 @@ def main() -> None:
                     {"max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]},
                 ),
             )
-            token = r.json()["claim_token"]
+            assert r.status_code == 202, r.text
+            return str(r.json()["claim_token"])
+
+        def lifecycle(name: str) -> None:
+            token = start(name)
             c = client.post(
                 f"/v1/tasks/{name}/credentials/db/claim?wait=30",
                 headers={"Authorization": f"Bearer {token}"},
             )
             assert c.status_code == 200, c.text
-            client.post("/v1/events", json=event("task.succeeded", name))
+            r = client.post("/v1/events", json=event("task.succeeded", name))
+            assert r.status_code == 202, r.text
+
+        def lifecycles(names: list[str]) -> float:
+            """Runs them with the clients; returns lifecycles per second."""
+            begin = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(lifecycle, names))
+            wait_revoked(ledger, names)
+            return len(names) / (time.perf_counter() - begin)
 
         names = [f"bench-{run}-{i}" for i in range(args.tasks)]
-        lifecycle(f"warm-{run}")
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(lifecycle, names))
-        wait_revoked(ledger, names)
-        elapsed = time.perf_counter() - start
+        lifecycles([f"warm-{run}-{i}" for i in range(2 * args.clients)])
+        time.sleep(1)
+        api0, worker0, sql0 = usage(procs[0].pid), usage(procs[1].pid), sql_totals(counts)
+        rate = lifecycles(names)
+        time.sleep(0.5)
+        api1, worker1, sql1 = usage(procs[0].pid), usage(procs[1].pid), sql_totals(counts)
         print(
             f"end to end: {args.tasks} lifecycles (start, mint, claim, end, verified revoke) "
-            f"with {args.clients} clients: {args.tasks / elapsed:.0f} /s"
+            f"with {args.clients} clients: {rate:.0f} /s"
         )
-        with psycopg.connect(f"{PG}/{ledger}") as c:
-            stages = c.execute(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
-                "c.minted_at - c.created_at)), percentile_cont(0.5) WITHIN GROUP (ORDER BY "
-                "extract(epoch FROM c.claimed_at - c.minted_at)), percentile_cont(0.5) WITHIN "
-                "GROUP (ORDER BY extract(epoch FROM c.revoke_requested_at - c.claimed_at)), "
-                "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM c.revoked_at - "
-                "c.revoke_requested_at)) FROM credentials c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.name = ANY(%s)",
-                (names,),
-            ).fetchone()
+        print(f"  ratio: leasehold/direct {rate / direct:.2f}, leasehold/openbao {rate / bao:.2f}")
+        n = args.tasks
         print(
-            "  p50 per stage (ms): event->minted {:.1f}, minted->claimed {:.1f}, "
-            "claimed->end event {:.1f}, end->revoked {:.1f}".format(
-                *(float(x) * 1000 for x in stages)
-            )
+            f"  per lifecycle: API CPU {(api1[0] - api0[0]) / n * 1000:.1f} ms, worker CPU "
+            f"{(worker1[0] - worker0[0]) / n * 1000:.1f} ms, statements "
+            f"{(sql1[0] - sql0[0]) / n:.1f}, commits {(sql1[1] - sql0[1]) / n:.1f} "
+            "(API + worker, sweeps included)"
         )
-
-        steady = [f"steady-{run}-{i}" for i in range(args.steady)]
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(
-                pool.map(
-                    lambda n: client.post(
-                        "/v1/events",
-                        json=event(
-                            "task.started",
-                            n,
-                            {"max_duration": 600, "grants": [{"name": "db", "profile": "bench"}]},
-                        ),
-                    ),
-                    steady,
-                )
-            )
-        time.sleep(3)
-        t0 = time.perf_counter()
-        for i, name in enumerate(steady):
-            time.sleep(max(0.0, t0 + i / 20 - time.perf_counter()))
-            client.post("/v1/events", json=event("task.succeeded", name))
-        wait_revoked(ledger, steady)
         with psycopg.connect(f"{PG}/{ledger}") as c:
             rows = c.execute(
-                "SELECT extract(epoch FROM c.revoked_at - t.ended_at) FROM credentials c "
-                "JOIN tasks t ON t.id = c.task_id WHERE t.name = ANY(%s)",
-                (steady,),
+                "SELECT extract(epoch FROM c.minted_at - c.created_at), extract(epoch FROM "
+                "c.claimed_at - c.minted_at), extract(epoch FROM c.revoked_at - "
+                "c.revoke_requested_at) FROM credentials c JOIN tasks t ON t.id = c.task_id "
+                "WHERE t.name = ANY(%s)",
+                (names,),
             ).fetchall()
-        ms = sorted(float(r[0]) * 1000 for r in rows)
-        p50 = statistics.median(ms)
-        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        for i, stage in enumerate(("event->minted", "minted->claimed", "end->revoked")):
+            ms = [float(r[i]) * 1000 for r in rows]
+            print(f"  {stage}: p50 {pct(ms, 0.5):.1f} ms, p99 {pct(ms, 0.99):.1f} ms")
+
+        def ends(tasks: list[str], per_second: float | None) -> list[float]:
+            """Starts the tasks, waits for their mints, ends them (at a rate, or all at
+            once); returns each one's task end -> verified revoke in ms."""
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(start, tasks))
+            time.sleep(3)
+            t0 = time.perf_counter()
+
+            def end(i: int) -> None:
+                if per_second:
+                    time.sleep(max(0.0, t0 + i / per_second - time.perf_counter()))
+                client.post("/v1/events", json=event("task.succeeded", tasks[i]))
+
+            with ThreadPoolExecutor(len(tasks) if per_second is None else 4) as pool:
+                list(pool.map(end, range(len(tasks))))
+            wait_revoked(ledger, tasks)
+            with psycopg.connect(f"{PG}/{ledger}") as c:
+                rows = c.execute(
+                    "SELECT extract(epoch FROM c.revoked_at - t.ended_at) FROM credentials c "
+                    "JOIN tasks t ON t.id = c.task_id WHERE t.name = ANY(%s)",
+                    (tasks,),
+                ).fetchall()
+            return [float(r[0]) * 1000 for r in rows]
+
+        ms = ends([f"steady-{run}-{i}" for i in range(args.steady)], 20)
         print(
-            f"time to revoke at 20 events/s (task end -> verified revoke): "
-            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
+            f"time to revoke at 20 ends/s (task end -> verified revoke, {args.steady} ends): "
+            f"p50 {pct(ms, 0.5):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, max {max(ms):.1f} ms"
+        )
+        ms = ends([f"burst-{run}-{i}" for i in range(args.burst)], None)
+        print(
+            f"time to revoke in a burst of {args.burst} ends: p50 {pct(ms, 0.5):.1f} ms, "
+            f"p99 {pct(ms, 0.99):.1f} ms, max {max(ms):.1f} ms"
+        )
+
+        # Memory: after a warm-up of a tenth, then at the end of the soak.
+        warm = max(1, args.soak // 10)
+        soak = [f"soak-{run}-{i}" for i in range(args.soak)]
+        lifecycles(soak[:warm])
+        before = usage(procs[0].pid)[1], usage(procs[1].pid)[1]
+        for i in range(warm, args.soak, 1000):
+            lifecycles(soak[i : i + 1000])
+        after = usage(procs[0].pid)[1], usage(procs[1].pid)[1]
+        print(
+            f"memory over a soak of {args.soak} lifecycles (RSS after {warm} -> at the end): "
+            f"API {before[0]:.0f} -> {after[0]:.0f} MiB "
+            f"({(after[0] / before[0] - 1) * 100:+.1f} %), worker (all processes) "
+            f"{before[1]:.0f} -> {after[1]:.0f} MiB ({(after[1] / before[1] - 1) * 100:+.1f} %)"
         )
     finally:
         for p in procs:
@@ -277,11 +419,6 @@ def main() -> None:
                     (db,),
                 )
                 c.execute(f"DROP DATABASE IF EXISTS {db}")  # type: ignore[arg-type]
-            groups = c.execute(
-                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'lh\\_%%' "
-                "AND NOT rolcanlogin AND rolname NOT LIKE 'lh_bench%%'"
-            ).fetchall()
-            del groups  # group roles of other runs are not ours to drop
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from app import ledger, notify, queue
 from app.core import sealing
 from app.core.db import session_scope
 from app.core.logs import log
-from app.core.models import Credential, CredState, Task, utcnow
+from app.core.models import Credential, CredState, utcnow
 from app.issuers import revoke_ref
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.ledger import installation_id
@@ -29,14 +29,15 @@ def mint(credential_id: str, token: str | None = None) -> str:
     Celery task id, which its retries keep); None: a delivery of its own."""
     token = token or uuid.uuid4().hex
     with session_scope() as session:
-        cred = session.get(Credential, credential_id)
-        if cred is None or cred.state != CredState.pending:
+        inputs = ledger.mint_inputs(session, credential_id)  # one round trip
+        if inputs is None or inputs[0].state != CredState.pending:
             return "skipped"
+        cred, task, task_ca = inputs
         if not ledger.begin_mint(session, credential_id, token=token, now=utcnow()):
             log.info("mint already in flight; this delivery does nothing", extra=_fields(cred))
             return "busy"
-        task = session.get(Task, cred.task_id)
-        assert task is not None and cred.expires_at is not None
+        assert cred.expires_at is not None
+        subject = (cred.tenant, cred.profile, task.workload, task.source)
         req = MintRequest(
             credential_id=cred.id,
             name=cred.backend_name,
@@ -45,7 +46,7 @@ def mint(credential_id: str, token: str | None = None) -> str:
             task_id=task.name,
             task_digest=sealing.task_digest(cred.tenant, task.name),
             expires_at=cred.expires_at,
-            task_ca=ca.cert_pem if (ca := ledger.task_ca(session, task.id)) else None,
+            task_ca=task_ca,
         )
     started = time.monotonic()
     try:
@@ -68,6 +69,7 @@ def mint(credential_id: str, token: str | None = None) -> str:
             sealed_secret=sealing.seal(minted.secret),
             expires_at=minted.expires_at,
             now=utcnow(),
+            subject=subject,
         )
     duration = time.monotonic() - started
     if active:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import and_
 from sqlmodel import Session, col, select
 
 from app import ledger, notify
@@ -106,6 +107,22 @@ def _latest(session: Session, task_pk: str, grant: str) -> Credential | None:
     ).first()
 
 
+def _task_and_latest(
+    session: Session, task_pk: str, grant: str
+) -> tuple[Task | None, Credential | None]:
+    """The task and its grant's latest credential in one round trip (a claim's read)."""
+    row = session.exec(
+        select(Task, Credential)
+        .outerjoin(
+            Credential, and_(col(Credential.task_id) == Task.id, col(Credential.grant) == grant)
+        )
+        .where(Task.id == task_pk)
+        .order_by(col(Credential.generation).desc())
+        .limit(1)
+    ).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
 @dataclass(frozen=True)
 class Claimant:
     """Who claims: the holder of a claim token, or the workload a JWT proved (`subject`)."""
@@ -194,7 +211,7 @@ def _authorize_at_claim(session: Session, task: Task, cred: Credential, subject:
 def _try_claim(claimant: Claimant, task_name: str, grant: str) -> tuple[int, dict[str, Any]]:
     """One attempt: (status, body). 409 means 'not yet'."""
     with Session(get_engine(), expire_on_commit=False) as session:
-        task = session.get(Task, claimant.task_pk)
+        task, cred = _task_and_latest(session, claimant.task_pk, grant)
         if task is None or task.tenant != claimant.tenant or task.name != task_name:
             return 403, {"error": "this claim token is not valid for this task"}
         if claimant.subject is not None and task.workload != claimant.subject:
@@ -202,7 +219,6 @@ def _try_claim(claimant: Claimant, task_name: str, grant: str) -> tuple[int, dic
         if claimant.subject is None and claimant.generation != task.claim_generation:
             # A rotation made a new token: whoever holds an older one gets nothing.
             return 403, {"error": "this claim token was replaced by a rotation"}
-        cred = _latest(session, claimant.task_pk, grant)
         if cred is None:
             return 404, {"error": f"task has no grant {grant!r}"}
         if cred.claimed_at is not None:

@@ -247,6 +247,17 @@ def _apply(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
+def _apply_and_enqueue(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[str, Any]]:
+    """In the thread pool: the broker round trips must not block the event loop."""
+    result, answer = _apply(key, event)
+    # Enqueue only after the commit: a worker must find what it is told about.
+    enqueue_revoke(result.to_revoke)
+    enqueue_mint(result.to_mint)
+    enqueue_extend(result.to_extend)
+    enqueue_approval_request(result.to_ask)
+    return result, answer
+
+
 def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) -> dict[str, Any]:
     task: Task = result.task
     parent = session.get(Task, task.parent_id) if task.parent_id else None
@@ -279,12 +290,7 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     body = await request.body()
     event = parse_event(body, request.headers.get("content-type", ""), request.headers)
     request.state.event_type = event.type  # for leasehold_events_total (count_events)
-    result, answer = await run_in_threadpool(_apply, key, event)
-    # Enqueue only after the commit: a worker must find what it is told about.
-    enqueue_revoke(result.to_revoke)
-    enqueue_mint(result.to_mint)
-    enqueue_extend(result.to_extend)
-    enqueue_approval_request(result.to_ask)
+    result, answer = await run_in_threadpool(_apply_and_enqueue, key, event)
     log.info(
         "event",
         extra={
