@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,21 +32,9 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from common import PG, event, free_port, pct, sql
 
 ROOT = Path(__file__).resolve().parent.parent
-PG = "postgresql://postgres@127.0.0.1:5432"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def sql(db: str, *statements: str) -> None:
-    with psycopg.connect(f"{PG}/{db}", autocommit=True) as c:
-        for s in statements:
-            c.execute(s)  # type: ignore[arg-type]
 
 
 def floor(db: str, n: int) -> float:
@@ -178,25 +165,6 @@ def sql_totals(folder: Path) -> tuple[int, int]:
         if len(text) == 2:
             s, c = s + int(text[0]), c + int(text[1])
     return s, c
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
-def event(kind: str, subject: str, data: dict | None = None) -> dict:
-    body = {
-        "specversion": "1.0",
-        "id": uuid.uuid4().hex,
-        "source": "bench://",
-        "type": kind,
-        "subject": subject,
-        "time": datetime.now(UTC).isoformat(),
-    }
-    if data is not None:
-        body["data"] = data
-    return body
 
 
 def wait_revoked(ledger: str, names: list[str], timeout: float = 120) -> None:

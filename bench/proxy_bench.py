@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import ssl
 import statistics
 import subprocess
@@ -31,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -42,28 +40,16 @@ from urllib.parse import quote
 import httpx
 import hvac
 import psycopg
+from common import PG, event, free_port, pct, sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.* when run as a script
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 # Made by the parent, handed to the upstream child by environment.
 STATIC_KEY = os.environ.get("BENCH_STATIC_KEY") or "sk_bench_" + secrets.token_urlsafe(24)
 CHUNK = 64 * 1024
 SMALL = json.dumps({"ok": True, "items": list(range(20))}).encode()  # ~80 bytes
 TIMEOUT = 30.0  # every client call and every wait is bounded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def sql(db: str, *statements: str) -> None:
-    with psycopg.connect(f"{PG}/{db}", autocommit=True) as c:
-        for s in statements:
-            c.execute(s)  # type: ignore[arg-type]
 
 
 # --- the upstream (its own process) ---------------------------------------------------
@@ -157,24 +143,6 @@ def measure(
             f.result(timeout=TIMEOUT * per)
         elapsed = time.perf_counter() - start
     return sorted(latencies), len(latencies) / elapsed
-
-
-def pct(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(len(values) * q))]
-
-
-def event(kind: str, subject: str, data: dict | None = None) -> dict:
-    body = {
-        "specversion": "1.0",
-        "id": uuid.uuid4().hex,
-        "source": "bench://",
-        "type": kind,
-        "subject": subject,
-        "time": datetime.now(UTC).isoformat(),
-    }
-    if data is not None:
-        body["data"] = data
-    return body
 
 
 def wait_for(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
