@@ -490,26 +490,22 @@ def issue_grants(
         elif state == CredState.awaiting_approval and profile.approval_webhook:
             result.to_ask.append(cred.id)
         if state == CredState.denied:
-            audit(
+            audit_credential(
                 session,
+                cred,
                 "denied",
                 actor=key.name,
-                tenant=tenant,
-                task_id=task.id,
-                credential_id=cred.id,
                 reason=code,
-                detail=why[:2000],
+                detail=clip(why, LONG_TEXT),
                 now=now,
             )
         elif decision is not None and decision.policies:  # a set in force: its permit too
-            audit(
+            audit_credential(
                 session,
+                cred,
                 "policy_allowed",
                 actor=key.name,
-                tenant=tenant,
-                task_id=task.id,
-                credential_id=cred.id,
-                detail=f"mint {decision.reason}"[:2000],
+                detail=clip(f"mint {decision.reason}", LONG_TEXT),
                 now=now,
             )
     return made
@@ -663,7 +659,9 @@ def _authorize_extend(
             "tenant": task.tenant,
             "task_id": task.id,
             "reason": "policy",
-            "detail": f"extend {a.profile} to {max_duration}s denied by policy: {d.reason}"[:2000],
+            "detail": clip(
+                f"extend {a.profile} to {max_duration}s denied by policy: {d.reason}", LONG_TEXT
+            ),
         }
         for a, d in denials
     ]
