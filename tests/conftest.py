@@ -8,8 +8,9 @@ PostgreSQL nor OpenBao. Helpers live in tests/support/, never here.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,24 @@ def keys(installation_id: str) -> dict[str, str]:
                 1
             ]
     return made
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """LEASEHOLD_POLICY_FILE pointed at a temp file for one test; the session's
+    default (no policy file) is back afterwards."""
+    from app.authority import policy
+    from app.core.settings import get_settings
+
+    path = tmp_path / "policies.cedar"
+    os.environ["LEASEHOLD_POLICY_FILE"] = str(path)
+    get_settings.cache_clear()
+
+    def write(text: str) -> Path:
+        path.write_text(text)
+        policy.engine().refresh_now()
+        return path
+
+    yield write
+    del os.environ["LEASEHOLD_POLICY_FILE"]
+    get_settings.cache_clear()

@@ -11,13 +11,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlmodel import select
 
 from app.core.db import session_scope
 from app.core.models import Event, Task
-from tests.support.api import credentials_of
+from tests.support.api import credentials_of, role_exists
 from tests.support.client import leasehold_api
 from tests.support.procs import wait_until
 from tests.support.venvs import orchestrator_python
@@ -33,12 +32,6 @@ DAG = "leasehold_report"
 def api_url(worker: Path) -> Iterator[str]:
     with leasehold_api() as url:
         yield url
-
-
-def role_exists(username: str) -> bool:
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres") as conn:
-        row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (username,)).fetchone()
-    return row is not None
 
 
 def test_dag_tasks_hold_a_credential_while_they_run(api_url: str, keys: dict[str, str]) -> None:

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
@@ -25,22 +24,23 @@ from sqlmodel import select
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, Task
 from app.profiles import ProfileError, parse_profiles, webhook_url_problem
-from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
+from tests.support.api import (
+    auth,
+    claim_url,
+    credentials_of,
+    event,
+    role_exists,
+    started,
+    states,
+    unique,
+)
 from tests.support.procs import wait_until
-from tests.support.world import DATA_DB, ROOT, RUN
+from tests.support.world import ROOT, RUN
 
 # The run's services (OpenBao, the ledger, the data database), started once per session.
 pytestmark = pytest.mark.usefixtures("services")
 
 WORKLOAD = "spiffe://example.org/agent/gated-test"
-
-
-def role_exists(name: str) -> bool:
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{DATA_DB}") as conn:
-        return (
-            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-            is not None
-        )
 
 
 def post(client: TestClient, url: str, key: str, body: Any = None) -> Any:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import col, select
 
-from app.authority import identity, policy
+from app.authority import identity
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential
 from app.core.settings import get_settings
@@ -393,22 +393,6 @@ POLICY_CLOSED = (
 forbid (principal == Workload::"{WORKLOAD}", action == Action::"mint", resource);
 """
 )
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    path = tmp_path / "policies.cedar"
-    os.environ["LEASEHOLD_POLICY_FILE"] = str(path)
-    get_settings.cache_clear()
-
-    def write(text: str) -> Path:
-        path.write_text(text)
-        policy.engine().refresh_now()
-        return path
-
-    yield write
-    del os.environ["LEASEHOLD_POLICY_FILE"]
-    get_settings.cache_clear()
 
 
 def test_jwt_only_profile_and_mint_evaluated_again_at_claim(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,6 @@ from sqlmodel import col, func, select
 from app.authority import policy
 from app.core.db import session_scope
 from app.core.models import AuditEntry, Credential, Event, Task
-from app.core.settings import get_settings
 from tests.support.api import auth, event, started, states, unique
 from tests.support.procs import wait_until
 from tests.support.world import RUN
@@ -39,24 +36,6 @@ forbid (principal, action, resource)
 when { resource.issuer == "vault-token" && context.task like "tmp/*" };
 """
 WORKLOAD = "spiffe://example.org/ns/reports/sa/job"
-
-
-@pytest.fixture
-def policy_file(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """LEASEHOLD_POLICY_FILE pointed at a temp file for one test; the session's
-    default (no policy file) is back afterwards."""
-    path = tmp_path / "policies.cedar"
-    os.environ["LEASEHOLD_POLICY_FILE"] = str(path)
-    get_settings.cache_clear()
-
-    def write(text: str) -> Path:
-        path.write_text(text)
-        policy.engine().refresh_now()
-        return path
-
-    yield write
-    del os.environ["LEASEHOLD_POLICY_FILE"]
-    get_settings.cache_clear()
 
 
 def post(client: Any, key: str, body: Any) -> Any:

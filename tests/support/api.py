@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from sqlmodel import select
 
 from app.core.db import session_scope
@@ -67,3 +68,10 @@ def credentials_of(tenant: str, task: str) -> list[Credential]:
 
 def states(tenant: str, task: str) -> dict[str, str]:
     return {c.grant: c.state for c in credentials_of(tenant, task)}
+
+
+def role_exists(name: str) -> bool:
+    """A PostgreSQL role by this name exists (roles are cluster-wide)."""
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres") as conn:
+        row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    return row is not None
