@@ -1362,6 +1362,89 @@ def revoke_failed(
     return attempts or 0
 
 
+# What a revoke reads of a row and what it reports of it (metrics, log): nothing secret.
+_REVOKE_COLUMNS = (
+    "id",
+    "tenant",
+    "task_id",
+    "profile",
+    "issuer",
+    "backend_name",
+    "backend_ref",
+    "attempts",
+    "revoke_reason",
+    "revoke_requested_at",
+)
+
+
+def take_revokes(session: Session, cred_id: str, *, now: datetime, limit: int) -> list[Credential]:
+    """The revoking rows this worker step acts on, locked until its commit: `cred_id`
+    (its message's, first) and up to `limit - 1` others due for an attempt (their
+    backoff over: `next_attempt_at` is that time plus REVOKE_REDRIVE), oldest first,
+    so a burst of ends is revoked in batches. Rows another step holds are skipped: that
+    step records them. Transient Credential objects (not in the session)."""
+    table = Credential.__table__  # type: ignore[attr-defined]
+    query = (
+        sqlalchemy.select(*(table.c[name] for name in _REVOKE_COLUMNS))
+        .where(
+            table.c.state == CredState.revoking.value,
+            or_(table.c.id == cred_id, table.c.next_attempt_at <= now + REVOKE_REDRIVE),
+        )
+        .order_by(case((table.c.id == cred_id, 0), else_=1), table.c.next_attempt_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return [Credential(**row._mapping) for row in session.execute(query)]
+
+
+def mark_revoked_many(
+    session: Session, rows: list[Credential], *, now: datetime
+) -> list[Credential]:
+    """Revoking -> revoked for rows this step holds (take_revokes), the secrets
+    destroyed, in one statement and one batch of audit entries; returns those moved
+    (with revoked_at set)."""
+    if not rows:
+        return []
+    table = Credential.__table__  # type: ignore[attr-defined]
+    done = set(
+        session.execute(
+            update(table)
+            .where(
+                table.c.id.in_(sqlalchemy.bindparam("ids", expanding=True)),
+                table.c.state == CredState.revoking.value,
+            )
+            .values(
+                state=CredState.revoked.value,
+                revoked_at=now,
+                sealed_secret=None,
+                last_error=None,
+                next_attempt_at=None,
+                updated_at=now,
+            )
+            .returning(table.c.id),
+            {"ids": [row.id for row in rows]},
+        ).scalars()
+    )
+    moved = []
+    for row in rows:
+        if row.id in done:
+            row.state = CredState.revoked
+            row.revoked_at = now
+            moved.append(row)
+            audit(
+                session,
+                "revoked",
+                actor="system",
+                tenant=row.tenant,
+                task_id=row.task_id,
+                credential_id=row.id,
+                reason=row.revoke_reason,
+                now=now,
+            )
+    return moved
+
+
 def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
     """Revoking -> revoked, the secret destroyed; None if it was not revoking."""
     cred: Credential | None = session.execute(

@@ -143,6 +143,19 @@ class Issuer:
         """Revoke and verify it is gone. Idempotent: an absent object is fine."""
         raise NotImplementedError
 
+    def revoke_many(self, refs: list[str]) -> dict[str, IssuerError]:
+        """Revoke and verify several objects (a burst of ends); returns the refs that
+        failed, each with its error (an empty dict: every one verified gone). This
+        default goes one by one; a backend that can do a batch in one transaction
+        overrides it, with the same guarantees per object."""
+        failed: dict[str, IssuerError] = {}
+        for ref in refs:
+            try:
+                self.revoke(ref)
+            except IssuerError as exc:
+                failed[ref] = exc
+        return failed
+
     def exists(self, ref: str) -> bool:
         raise NotImplementedError
 

@@ -34,6 +34,7 @@ from app.core.settings import Settings
 from app.issuers.base import (
     BackendIdentity,
     Issuer,
+    IssuerError,
     MarkedObject,
     Minted,
     MintRequest,
@@ -157,11 +158,41 @@ class PostgresIssuer(Issuer):
         )
 
     def revoke(self, ref: str) -> None:
-        name = self._own(ref, "role")
-        if self._group_pattern.fullmatch(name):
-            raise PermanentIssuerError(f"postgres revoke: refusing group role {name}")
-        with self._errors("revoke"):
-            self._drop(name)
+        failed = self.revoke_many([ref])
+        if failed:
+            raise failed[ref]
+
+    def revoke_many(self, refs: list[str]) -> dict[str, IssuerError]:
+        """One DROP ROLE for the batch (one transaction, one round trip), then its
+        sessions ended and the roles verified gone; a role the fast path cannot drop
+        (it owns an object) goes the long way, on its own."""
+        failed: dict[str, IssuerError] = {}
+        names: list[str] = []
+        for ref in refs:
+            try:
+                name = self._own(ref, "role")
+                if self._group_pattern.fullmatch(name):
+                    raise PermanentIssuerError(f"postgres revoke: refusing group role {name}")
+            except PermanentIssuerError as exc:
+                failed[ref] = exc
+                continue
+            if name not in names:
+                names.append(name)
+        if not names:
+            return failed
+        try:
+            with self._errors("revoke"):
+                self._drop_many(names)
+            return failed
+        except IssuerError:
+            pass  # one of them (or the connection): each on its own, with its own error
+        for name in names:
+            try:
+                with self._errors("revoke"):
+                    self._drop(name)
+            except IssuerError as exc:
+                failed[name] = exc
+        return failed
 
     def exists(self, ref: str) -> bool:
         with self._errors("exists"), self._connection() as conn:
@@ -322,6 +353,28 @@ class PostgresIssuer(Issuer):
         note = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(comment))
         return sql.SQL("; ").join([create, member, note])
 
+    def _drop_many(self, names: list[str]) -> None:
+        """DROP, end what sessions remain, verify: two round trips for the common case.
+
+        The oids are read in the DROP's own transaction (one simple query), so the
+        sessions of a role are still found once it is gone. Once the DROP commits no
+        new login is possible; a session that logged in before is ended by oid here.
+        A role that owns an object makes the DROP fail (and roll back): the caller
+        then takes the long way (_drop)."""
+        idents = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+        listed = sql.SQL(", ").join(sql.Literal(n) for n in names)
+        deadline = time.monotonic() + self._timeout
+        with self._connection() as conn:
+            cur = conn.execute(
+                sql.SQL(
+                    "SELECT oid FROM pg_roles WHERE rolname IN ({}); DROP ROLE IF EXISTS {}"
+                ).format(listed, idents)
+            )
+            oids = [Oid(row[0]) for row in cur.fetchall()]
+            if not oids:
+                return  # none existed: revoking is idempotent
+            self._end_sessions(conn, oids, deadline, names)
+
     def _drop(self, name: str) -> None:
         """NOLOGIN, end its sessions, DROP, verify: no gap for a new session."""
         ident = sql.Identifier(name)
@@ -335,7 +388,7 @@ class PostgresIssuer(Issuer):
             if row is None:
                 return  # dropped concurrently
             oid = row[0]
-            self._end_sessions(conn, oid, deadline)
+            self._end_sessions(conn, [Oid(oid)], deadline)
             try:
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
             except errors.DependentObjectsStillExist:
@@ -345,13 +398,17 @@ class PostgresIssuer(Issuer):
                 )
             # A session that logged in just before NOLOGIN may show up late;
             # by oid it is still found after the role is gone.
-            self._end_sessions(conn, oid, deadline)
-            row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
-        if row is not None:
-            raise TemporaryIssuerError(f"postgres revoke: role {name} still exists after DROP")
+            self._end_sessions(conn, [Oid(oid)], deadline, [name])
 
-    def _end_sessions(self, conn: psycopg.Connection[Any], oid: int, deadline: float) -> None:
-        """Terminate the role's backends and wait until they are gone."""
+    def _end_sessions(
+        self,
+        conn: psycopg.Connection[Any],
+        oids: list[Oid],
+        deadline: float,
+        gone: list[str] | None = None,
+    ) -> None:
+        """Terminate the roles' backends and wait until they are gone; with `gone`,
+        verify in the same round trip that none of those roles exists any more."""
         # MATERIALIZED fences the filter: the planner may otherwise evaluate
         # pg_terminate_backend() before `usesysid = ...` and end every session.
         # No server-side wait (pg_terminate_backend(pid, ms) polls every 100 ms):
@@ -359,14 +416,19 @@ class PostgresIssuer(Issuer):
         query = """
             WITH mine AS MATERIALIZED (
                 SELECT pid FROM pg_stat_activity
-                WHERE usesysid = %s AND pid <> pg_backend_pid()
+                WHERE usesysid = ANY(%s) AND pid <> pg_backend_pid()
             )
-            SELECT count(pg_terminate_backend(pid)) FROM mine
+            SELECT (SELECT count(pg_terminate_backend(pid)) FROM mine),
+                   (SELECT min(rolname) FROM pg_roles WHERE rolname = ANY(%s))
         """
         pause = 0.002
         while True:
-            row = conn.execute(query, (Oid(oid),)).fetchone()
+            row = conn.execute(query, (oids, gone or [])).fetchone()
             if row is None or row[0] == 0:
+                if row is not None and row[1] is not None:
+                    raise TemporaryIssuerError(
+                        f"postgres revoke: role {row[1]} still exists after DROP"
+                    )
                 return
             if time.monotonic() + pause >= deadline:
                 raise TemporaryIssuerError(
