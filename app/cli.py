@@ -424,10 +424,12 @@ def worker(
     """A Celery worker (revocations first)."""
     s = settings()
     _checked_profiles()
+    from app.core.db import pre_ping
     from app.core.logs import configure_logging
     from app.queue import celery_app
 
     configure_logging(s)
+    pre_ping(False)  # its jobs retry on OperationalError (app.core.db)
     argv = [
         "worker",
         "-Q",

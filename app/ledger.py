@@ -1398,6 +1398,15 @@ def take_revokes(session: Session, cred_id: str, *, now: datetime, limit: int) -
     return [Credential(**row._mapping) for row in session.execute(query)]
 
 
+def credential_state(session: Session, cred_id: str) -> str | None:
+    """A credential's state (None: no such credential)."""
+    table = Credential.__table__  # type: ignore[attr-defined]
+    state: str | None = session.execute(
+        sqlalchemy.select(table.c.state).where(table.c.id == cred_id)
+    ).scalar_one_or_none()
+    return state
+
+
 def mark_revoked_many(
     session: Session, rows: list[Credential], *, now: datetime
 ) -> list[Credential]:
@@ -1779,6 +1788,13 @@ def finish_sweep(
 
 
 # --- the audit export ------------------------------------------------------------
+
+
+def audit_export_waiting(session: Session) -> bool:
+    """Whether any entry waits for the export: one index probe (exported_seq IS NULL)."""
+    table = AuditEntry.__table__  # type: ignore[attr-defined]
+    query = sqlalchemy.select(literal(1)).where(table.c.exported_seq.is_(None)).limit(1)
+    return session.execute(query).first() is not None
 
 
 def audit_export_head(session: Session) -> tuple[int, str | None]:

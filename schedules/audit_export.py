@@ -230,6 +230,12 @@ def _export_locked(path: Path | None) -> ExportResult:
 
 @job(queue.AUDIT_EXPORT)
 def export_task() -> int:
+    # Every 2 s: one index probe when nothing waits (the usual case between bursts),
+    # no lock, no file. An entry written but not marked (a crash) still waits, so the
+    # file's repair runs whenever there is anything to repair.
+    with session_scope() as session:
+        if not ledger.audit_export_waiting(session):
+            return 0
     try:
         return export().written
     except ExportError as exc:

@@ -159,7 +159,7 @@ def _extend_gave_up(exc: BaseException, credential_id: str) -> str:
 @job(
     queue.EXTEND,
     max_retries=6,
-    retry_on=(TemporaryIssuerError,),
+    retry_on=(TemporaryIssuerError, OperationalError),
     permanent=(PermanentIssuerError,),
     on_give_up=_extend_gave_up,
 )

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.exc import OperationalError
 
 from app import queue
 from app.core.db import session_scope
@@ -114,6 +115,8 @@ def request_approval(credential_id: str) -> str:
     return "rejected"
 
 
-@job(queue.REQUEST_APPROVAL, max_retries=MAX_RETRIES, retry_on=(WebhookRetry,))
+# The ledger out of reach (a dropped connection: the worker does not ping its pool)
+# is retried like the webhook.
+@job(queue.REQUEST_APPROVAL, max_retries=MAX_RETRIES, retry_on=(WebhookRetry, OperationalError))
 def request_approval_task(credential_id: str) -> str:
     return request_approval(credential_id)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from app import ledger, notify, queue
 from app.core.db import session_scope
 from app.core.logs import log
-from app.core.models import Credential, utcnow
+from app.core.models import Credential, CredState, utcnow
 from app.issuers import revoke_ref
 from app.issuers.base import Issuer, IssuerError, TemporaryIssuerError
 from app.observability import observe
@@ -50,6 +50,12 @@ def revoke(credential_id: str) -> str:
     with session_scope() as session:
         now = utcnow()
         rows = ledger.take_revokes(session, credential_id, now=now, limit=BATCH)
+        # Not revoking (any more), or held by another step: revoked already (taken
+        # along by another step's batch, or a second delivery) says so.
+        if (not rows or rows[0].id != credential_id) and ledger.credential_state(
+            session, credential_id
+        ) == CredState.revoked:
+            outcome = "revoked"
         if not rows:
             return outcome
         started = time.monotonic()

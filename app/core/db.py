@@ -17,6 +17,17 @@ from app.core.settings import get_settings
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
+# A round trip (SELECT 1) before every checkout, to find a connection the server
+# dropped. The worker turns it off (pre_ping(False)): its jobs retry on
+# OperationalError, and SQLAlchemy invalidates the pool on a disconnect, so a dropped
+# connection costs one retried step, not a round trip on every step.
+_pre_ping = True
+
+
+def pre_ping(enabled: bool) -> None:
+    """Whether engines created from now on ping connections at checkout."""
+    global _pre_ping
+    _pre_ping = enabled
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -48,7 +59,7 @@ def get_engine(url: str | None = None) -> Engine:
                     url,
                     pool_size=10,
                     max_overflow=20,
-                    pool_pre_ping=True,
+                    pool_pre_ping=_pre_ping,
                     pool_timeout=settings.backend_timeout,
                     connect_args={"connect_timeout": int(settings.backend_timeout)},
                 )
