@@ -1808,6 +1808,14 @@ def audit_export_head(session: Session) -> tuple[int, str | None]:
     return (int(row[0]), row[1]) if row and row[0] is not None else (0, None)
 
 
+_MARK_EXPORTED = sqlalchemy.text(
+    "UPDATE audit SET exported_seq = m.seq, export_hash = m.hash"
+    " FROM unnest(CAST(:ids AS text[]), CAST(:seqs AS bigint[]), CAST(:hashes AS text[]))"
+    " AS m(id, seq, hash)"
+    " WHERE audit.id = m.id AND audit.exported_seq IS NULL RETURNING audit.id"
+)
+
+
 def mark_exported(session: Session, marks: list[tuple[str, int, str]]) -> None:
     """Record (id, seq, hash) of entries written to the export: compare-and-set on NULL,
     so an entry is marked once; anything else means a second exporter, and fails."""
@@ -1816,23 +1824,11 @@ def mark_exported(session: Session, marks: list[tuple[str, int, str]]) -> None:
     if session.get_bind().dialect.name == "postgresql":
         # One statement for the batch (it was one per entry: a third of the worker's
         # statements), the same compare-and-set per row; what did not match is named.
-        values = sqlalchemy.values(
-            sqlalchemy.column("id", sqlalchemy.String),
-            sqlalchemy.column("seq", sqlalchemy.BigInteger),
-            sqlalchemy.column("hash", sqlalchemy.String),
-            name="marks",
-        ).data(marks)
+        # Arrays, not a VALUES list: a VALUES with data has no cache key, so SQLAlchemy
+        # compiled it afresh on every batch.
+        ids, seqs, hashes = (list(column) for column in zip(*marks, strict=True))
         marked = set(
-            session.execute(
-                update(AuditEntry)
-                .where(
-                    col(AuditEntry.id) == values.c.id,
-                    col(AuditEntry.exported_seq).is_(None),
-                )
-                .values(exported_seq=values.c.seq, export_hash=values.c.hash)
-                .returning(col(AuditEntry.id))
-                .execution_options(synchronize_session=False)
-            ).scalars()
+            session.execute(_MARK_EXPORTED, {"ids": ids, "seqs": seqs, "hashes": hashes}).scalars()
         )
         missed = [entry_id for entry_id, _, _ in marks if entry_id not in marked]
         if missed:

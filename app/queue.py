@@ -78,7 +78,10 @@ def configure(app: Celery, settings: Settings) -> None:
         result_backend=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        # Jobs are short and idempotent and acks are late: a few messages reserved per
+        # process save a broker round trip between jobs; one lost with its worker comes
+        # back (visibility timeout, or the ledger's re-drive sooner).
+        worker_prefetch_multiplier=4,
         task_queues=[
             Queue(REVOKE_QUEUE, Exchange(REVOKE_QUEUE), routing_key=REVOKE_QUEUE),
             Queue(MINT_QUEUE, Exchange(MINT_QUEUE), routing_key=MINT_QUEUE),

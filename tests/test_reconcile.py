@@ -670,3 +670,103 @@ def test_a_permanent_extend_failure_is_recorded(inst: str, driver: Driver) -> No
         )
     for revoke_id in driver.end(task):
         assert revoke(revoke_id) == "revoked"
+
+
+# --- the revoke step: batches, and a ledger connection lost under it ---------------
+
+
+def test_a_burst_of_ends_is_revoked_in_one_step(inst: str, driver: Driver) -> None:
+    from app.issuers.postgres import PostgresIssuer
+
+    tasks = [name() for _ in range(4)]
+    for task in tasks:
+        assert mint(driver.start(task, {"db": "reports-readonly"})["db"]) == "active"
+    ended = [cred_id for task in tasks for cred_id in driver.end(task)]
+    refs = {credential(cred_id).backend_ref for cred_id in ended}
+    real = PostgresIssuer.revoke_many
+    with mock.patch.object(PostgresIssuer, "revoke_many", autospec=True, side_effect=real) as many:
+        assert revoke(ended[0]) == "revoked"
+        # The others were taken along: their own messages find them revoked, and no
+        # backend call is made for them again.
+        for cred_id in ended[1:]:
+            assert revoke(cred_id) == "revoked"
+    batches = [set(call.args[1]) for call in many.call_args_list]
+    assert any(refs <= batch for batch in batches), batches
+    assert all(not (refs & batch) for batch in batches[1:]), "revoked twice"
+    for cred_id in ended:
+        row = credential(cred_id)
+        assert row.state == CredState.revoked and row.next_attempt_at is None
+        assert not issuer("reports-readonly", inst).exists(row.backend_ref)
+        assert len(audit("revoked", cred_id)) == 1
+
+
+def test_a_failure_in_a_batch_is_counted_and_retried_per_credential(
+    inst: str, driver: Driver, proxy: TcpProxy
+) -> None:
+    tasks = [name() for _ in range(2)]
+    mine, other = (driver.start(task, {"db": "db-proxied"})["db"] for task in tasks)
+    assert mint(mine) == "active" and mint(other) == "active"
+    proxy.stop()
+    try:
+        driver.end(tasks[0]), driver.end(tasks[1])
+        with (
+            mock.patch("workers.revoke.revoke_credential.apply_async") as retried,
+            pytest.raises(RevokeFailed) as failed,
+        ):
+            revoke(mine)
+        assert failed.value.attempts == 1
+        # The one taken along: counted, due again after its backoff, and retried by a
+        # message of its own (its first message finds nothing to do).
+        row = credential(other)
+        assert row.state == CredState.revoking and row.attempts == 1
+        assert row.last_error.startswith("postgres revoke")
+        assert retried.call_args_list == [mock.call((other,), countdown=mock.ANY)]
+        delay = retried.call_args.kwargs["countdown"]
+        assert row.next_attempt_at >= row.updated_at + timedelta(seconds=delay)
+        # In its backoff it is not taken along by the next step.
+        with (
+            mock.patch("workers.revoke.revoke_credential.apply_async") as retried,
+            pytest.raises(RevokeFailed),
+        ):
+            revoke(mine)
+        assert credential(other).attempts == 1 and not retried.called
+    finally:
+        proxy.start()
+    assert _eventually(lambda: revoke(mine) == "revoked")
+    assert _eventually(lambda: revoke(other) == "revoked")
+
+
+def test_a_dropped_ledger_connection_loses_no_work(inst: str, driver: Driver) -> None:
+    """The worker does not ping its pool (app.core.db.pre_ping): a connection the server
+    dropped fails one step, which the job retries; nothing is lost or half-recorded."""
+    from app.core import db
+    from workers.mint import mint_credential
+    from workers.revoke import revoke_credential
+
+    def drop_ledger_connection() -> None:
+        with session_scope() as session:
+            pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with psycopg.connect(os.environ["LEASEHOLD_DATABASE_URL"], autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    task = name()
+    cred_id = driver.start(task, {"db": "reports-readonly"})["db"]
+    db.dispose_engines()
+    db.pre_ping(False)
+    try:
+        drop_ledger_connection()
+        with mock.patch("workers.job.log") as logged:
+            assert mint_credential.apply(args=(cred_id,)).get() == "active"
+        assert "job failed; retrying" in str(logged.warning.call_args_list)
+        assert credential(cred_id).state == CredState.active
+        assert driver.end(task) == [cred_id]
+        drop_ledger_connection()
+        with mock.patch("workers.job.log") as logged:
+            assert revoke_credential.apply(args=(cred_id,)).get() == "revoked"
+        assert "job failed; retrying" in str(logged.warning.call_args_list)
+        row = credential(cred_id)
+        assert row.state == CredState.revoked
+        assert not issuer("reports-readonly", inst).exists(row.backend_ref)
+    finally:
+        db.pre_ping(True)
+        db.dispose_engines()
