@@ -1377,34 +1377,38 @@ _REVOKE_COLUMNS = (
 )
 
 
-def take_revokes(session: Session, cred_id: str, *, now: datetime, limit: int) -> list[Credential]:
-    """The revoking rows this worker step acts on, locked until its commit: `cred_id`
-    (its message's, first) and up to `limit - 1` others due for an attempt (their
-    backoff over: `next_attempt_at` is that time plus REVOKE_REDRIVE), oldest first,
-    so a burst of ends is revoked in batches. Rows another step holds are skipped: that
-    step records them. Transient Credential objects (not in the session)."""
+def take_revokes(
+    session: Session, cred_id: str, *, now: datetime, limit: int
+) -> tuple[str | None, list[Credential]]:
+    """`cred_id`'s state (None: not found, or held by another step) and the revoking
+    rows this worker step acts on, locked until its commit: `cred_id` (first) if it is
+    revoking, and up to `limit - 1` others due for an attempt (their backoff over:
+    `next_attempt_at` is that time plus REVOKE_REDRIVE), oldest first, so a burst of
+    ends is revoked in batches. Rows another step holds are skipped: that step records
+    them. One statement; transient Credential objects (not in the session)."""
     table = Credential.__table__  # type: ignore[attr-defined]
     query = (
-        sqlalchemy.select(*(table.c[name] for name in _REVOKE_COLUMNS))
+        sqlalchemy.select(table.c.state, *(table.c[name] for name in _REVOKE_COLUMNS))
         .where(
-            table.c.state == CredState.revoking.value,
-            or_(table.c.id == cred_id, table.c.next_attempt_at <= now + REVOKE_REDRIVE),
+            or_(
+                table.c.id == cred_id,
+                (table.c.state == CredState.revoking.value)
+                & (table.c.next_attempt_at <= now + REVOKE_REDRIVE),
+            )
         )
         .order_by(case((table.c.id == cred_id, 0), else_=1), table.c.next_attempt_at)
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    return [Credential(**row._mapping) for row in session.execute(query)]
-
-
-def credential_state(session: Session, cred_id: str) -> str | None:
-    """A credential's state (None: no such credential)."""
-    table = Credential.__table__  # type: ignore[attr-defined]
-    state: str | None = session.execute(
-        sqlalchemy.select(table.c.state).where(table.c.id == cred_id)
-    ).scalar_one_or_none()
-    return state
+    state: str | None = None
+    rows = []
+    for row in session.execute(query):
+        if row.id == cred_id:
+            state = row.state
+        if row.state == CredState.revoking:
+            rows.append(Credential(**row._mapping))
+    return state, rows
 
 
 def mark_revoked_many(

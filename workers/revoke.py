@@ -49,12 +49,9 @@ def revoke(credential_id: str) -> str:
     gave_up: list[tuple[Credential, int, IssuerError]] = []
     with session_scope() as session:
         now = utcnow()
-        rows = ledger.take_revokes(session, credential_id, now=now, limit=BATCH)
-        # Not revoking (any more), or held by another step: revoked already (taken
-        # along by another step's batch, or a second delivery) says so.
-        if (not rows or rows[0].id != credential_id) and ledger.credential_state(
-            session, credential_id
-        ) == CredState.revoked:
+        state, rows = ledger.take_revokes(session, credential_id, now=now, limit=BATCH)
+        if state == CredState.revoked:
+            # Revoked already: taken along by another step's batch, or a second delivery.
             outcome = "revoked"
         if not rows:
             return outcome
