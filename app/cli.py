@@ -419,7 +419,6 @@ def proxy(
 def worker(
     queues: Annotated[str, typer.Option(help="queues to consume")] = "revoke,mint",
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
-    pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads")] = "prefork",
     beat: Annotated[bool, typer.Option("--beat", help="run the scheduler inside")] = False,
 ) -> None:
     """A Celery worker (revocations first)."""
@@ -437,8 +436,6 @@ def worker(
         queues,
         "-c",
         str(concurrency),
-        "-P",
-        pool,
         "--loglevel",
         s.log_level,
         "-n",
