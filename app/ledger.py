@@ -1411,9 +1411,6 @@ def take_revokes(
     return state, rows
 
 
-_ASYNC_COMMIT = sqlalchemy.text("SET LOCAL synchronous_commit = off")
-
-
 def mark_revoked_many(
     session: Session, rows: list[Credential], *, now: datetime
 ) -> list[Credential]:
@@ -1422,11 +1419,6 @@ def mark_revoked_many(
     (with revoked_at set)."""
     if not rows:
         return []
-    if session.get_bind().dialect.name == "postgresql":
-        # The commit need not wait for its WAL flush (a few ms, much more under load):
-        # the backend's DROP is durable already, and a record lost in a server crash
-        # leaves the row revoking and due, so the re-drive revokes it again (idempotent).
-        session.execute(_ASYNC_COMMIT)
     table = Credential.__table__  # type: ignore[attr-defined]
     done = set(
         session.execute(
