@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from app.api import offload
 from app.authority.scope import normalise as normalise_scope
 from app.core.db import get_engine, session_scope
 from app.core.logs import log
@@ -150,7 +150,7 @@ async def lookup_key_async(secret: str) -> ApiKey | None:
     digest = hash_api_key(secret)
     hit, key = _cached(digest)
     if not hit:
-        key = await run_in_threadpool(_load_own_session, digest)
+        key = await offload.run(_load_own_session, digest)
     return _unexpired(key)
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, TypeVarTuple
 
-import anyio
-import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Security
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Table, and_, bindparam
@@ -20,6 +16,7 @@ from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from app import ledger, notify
+from app.api import offload
 from app.api.auth import EmitterKey, OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
@@ -43,6 +40,7 @@ from app.profiles import get_profiles
 from app.queue import enqueue_approval_request, enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 router = APIRouter(tags=["credentials"])
 # Documentation only: the claim reads its bearer itself (a claim token, or a JWT).
 claim_scheme = HTTPBearer(
@@ -89,15 +87,11 @@ class WaitSlots:
 
 
 slots = WaitSlots(MAX_WAITERS_PER_TOKEN, MAX_WAITERS)
-_recheck_limiter: anyio.CapacityLimiter | None = None
 
 
-async def _recheck(func: Callable[..., T], *args: Any) -> T:
+async def _recheck(func: Callable[[*Ts], T], *args: *Ts) -> T:
     """Run a waiter's ledger read on its own few threads, never the shared pool's."""
-    global _recheck_limiter
-    if _recheck_limiter is None:
-        _recheck_limiter = anyio.CapacityLimiter(RECHECK_THREADS)
-    return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=_recheck_limiter)
+    return await offload.run_in(offload.pool("recheck", RECHECK_THREADS), func, *args)
 
 
 _tasks: Table = Task.__table__  # type: ignore[attr-defined]
@@ -345,7 +339,7 @@ async def claim(
     task_name = raw_segment(request, 2)
     grant = raw_segment(request, 4)
     if token and identity.looks_like_jwt(token):
-        claimant = await run_in_threadpool(_jwt_claimant, token, tenant, task_name)
+        claimant = await offload.run(_jwt_claimant, token, tenant, task_name)
     else:
         bound = sealing.read_claim_token(token) if token else None
         if bound is None:
@@ -353,7 +347,7 @@ async def claim(
         claimant = Claimant(tenant=bound[0], task_pk=bound[1], generation=bound[2])
     deadline = time.monotonic() + wait
     since = notify.waiters.clock()  # before the read: a change after it wakes this claim
-    status, body, cred_id = await run_in_threadpool(_try_claim, claimant, task_name, grant)
+    status, body, cred_id = await offload.run(_try_claim, claimant, task_name, grant)
     if status == 409 and wait > 0 and cred_id is not None:
         with slots.take(claimant.task_pk) as admitted:
             if admitted:
