@@ -36,6 +36,7 @@ from app.core.models import (
     TaskCA,
     TaskState,
     UTCDateTime,
+    new_id,
     utcnow,
 )
 from app.core.redact import LONG_TEXT, clip
@@ -1544,38 +1545,109 @@ def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) 
 # --- claiming ------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedCredential:
+    """What a claim read of a credential (no ORM object: the claim path is Core)."""
+
+    id: str
+    tenant: str
+    task_id: str
+    issuer: str
+    profile: str
+    minted_at: datetime | None
+
+
+_creds: sqlalchemy.Table = Credential.__table__  # type: ignore[attr-defined]
+_audit_table: sqlalchemy.Table = AuditEntry.__table__  # type: ignore[attr-defined]
+_claim_now = sqlalchemy.bindparam("now", type_=_creds.c.updated_at.type)
+_claim_consumed = (
+    update(_creds)
+    .where(
+        _creds.c.id == sqlalchemy.bindparam("cred"),
+        _creds.c.state == CredState.active.value,
+        _creds.c.claimed_at.is_(None),
+        _creds.c.sealed_secret == sqlalchemy.bindparam("sealed"),
+    )
+    .values(claimed_at=_claim_now, sealed_secret=None, updated_at=_claim_now)
+    .returning(_creds.c.id, _creds.c.tenant, _creds.c.task_id)
+)
+_consumed_cte = _claim_consumed.cte("consumed")
+# PostgreSQL: the consuming UPDATE feeds the audit INSERT, one statement, one round trip;
+# the audit row exists exactly when the secret was consumed.
+_TAKE_AND_AUDIT = (
+    sqlalchemy.insert(_audit_table)
+    .from_select(
+        ["id", "at", "tenant", "actor", "action", "task_id", "credential_id", "detail"],
+        sqlalchemy.select(
+            sqlalchemy.bindparam("audit_id", type_=_audit_table.c.id.type),
+            sqlalchemy.bindparam("now", type_=_audit_table.c.at.type),
+            _consumed_cte.c.tenant,
+            sqlalchemy.bindparam("actor", type_=_audit_table.c.actor.type),
+            literal("claimed", _audit_table.c.action.type),
+            _consumed_cte.c.task_id,
+            _consumed_cte.c.id,
+            sqlalchemy.bindparam("detail", type_=_audit_table.c.detail.type),
+        ),
+    )
+    .add_cte(_consumed_cte, nest_here=True)
+    .returning(_audit_table.c.id)
+)
+_AUDIT_CLAIMED = sqlalchemy.insert(_audit_table).values(action="claimed")
+
+
 def take_secret(
-    session: Session, cred: Credential, *, actor: str, now: datetime, detail: str | None = None
+    conn: sqlalchemy.Connection,
+    *,
+    credential_id: str,
+    sealed_secret: str,
+    actor: str,
+    now: datetime,
+    detail: str | None = None,
 ) -> bool:
-    """Consume the sealed secret the caller read (and has already decrypted) from `cred`;
-    False when the row moved on meanwhile (another claim, a revoke). The caller commits
-    only after this, so a secret it could not decrypt is never consumed."""
-    if cred.sealed_secret is None:
+    """Consume the sealed secret the caller read (and has already decrypted), with its
+    `claimed` audit entry; False when the row moved on meanwhile (another claim, a
+    revoke). The caller commits only after this, so a secret it could not decrypt is
+    never consumed."""
+    params = {
+        "cred": credential_id,
+        "sealed": sealed_secret,
+        "now": now,
+        "audit_id": new_id(),
+        "actor": actor,
+        "detail": detail,
+    }
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_TAKE_AND_AUDIT, params).first() is not None
+    row = conn.execute(_claim_consumed, params).first()  # SQLite: no UPDATE in a CTE
+    if row is None:
         return False
-    done = session.exec(
-        update(Credential)
-        .where(
-            col(Credential.id) == cred.id,
-            col(Credential.state) == CredState.active,
-            col(Credential.claimed_at).is_(None),
-            col(Credential.sealed_secret) == cred.sealed_secret,
-        )
-        .values(claimed_at=now, sealed_secret=None, updated_at=now)
-    ).rowcount
-    if not done:
-        return False
-    audit_credential(session, cred, "claimed", actor=actor, now=now, detail=detail)
+    conn.execute(
+        _AUDIT_CLAIMED,
+        {
+            "id": params["audit_id"],
+            "at": now,
+            "tenant": row.tenant,
+            "actor": actor,
+            "task_id": row.task_id,
+            "credential_id": row.id,
+            "detail": detail,
+        },
+    )
     return True
 
 
-def record_second_claim(session: Session, cred: Credential, *, actor: str, now: datetime) -> None:
-    audit_credential(
+def record_second_claim(
+    session: Session, cred: ClaimedCredential, *, actor: str, now: datetime
+) -> None:
+    audit(
         session,
-        cred,
         "second_claim",
         actor=actor,
-        now=now,
+        tenant=cred.tenant,
+        task_id=cred.task_id,
+        credential_id=cred.id,
         detail="claim of an already claimed credential",
+        now=now,
     )
 
 

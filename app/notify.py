@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import redis
@@ -21,6 +22,10 @@ from app.core.settings import get_settings
 
 logger = logging.getLogger(__name__)
 _clients: dict[int, redis.Redis] = {}
+# How long this process remembers that a credential changed: a claim asks about the
+# time since its first read began (a thread hop ago); the 2 s re-check covers the rest.
+REMEMBER_SECONDS = 30.0
+MAX_REMEMBERED = 10_000
 
 
 def listener_name() -> str:
@@ -66,6 +71,8 @@ class Waiters:
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        # credential id -> when its last notification arrived (oldest first)
+        self._changed: dict[str, float] = {}
 
     async def start(self) -> None:
         url = _redis_url()
@@ -99,8 +106,29 @@ class Waiters:
                     await client.aclose()
 
     def _wake(self, credential_id: str) -> None:
+        now = time.monotonic()
+        changed = self._changed
+        changed.pop(credential_id, None)
+        changed[credential_id] = now
+        while changed:
+            oldest = next(iter(changed))
+            if changed[oldest] >= now - REMEMBER_SECONDS and len(changed) <= MAX_REMEMBERED:
+                break
+            del changed[oldest]
         for event in self._events.get(credential_id, ()):
             event.set()
+
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()
+
+    def notified_since(self, credential_id: str, since: float) -> bool:
+        """Whether a change of `credential_id` arrived after `since` (clock()). Without
+        a listener nothing arrives: True, so the caller re-checks the ledger itself."""
+        if self._task is None:
+            return True
+        at = self._changed.get(credential_id)
+        return at is not None and at >= since
 
     @contextlib.contextmanager
     def watch(self, credential_id: str) -> Iterator[asyncio.Event]:

@@ -3,6 +3,7 @@ said also after the end, and a claim that loses a race with a revoke is no inter
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from typing import Any
@@ -11,11 +12,13 @@ from unittest import mock
 import psycopg
 import pytest
 import redis
+from sqlalchemy import event as sa_event
 from sqlmodel import select
 
+from app import ledger, notify
 from app.core import sealing
-from app.core.db import session_scope
-from app.core.models import AuditEntry
+from app.core.db import get_engine, session_scope
+from app.core.models import AuditEntry, utcnow
 from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
 from tests.support.procs import wait_until
 
@@ -130,3 +133,59 @@ def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
     assert second_claims(cred_id) == 0 and counted(app_client) == before
     wait_until(lambda: states("t1", name) == {"c": "revoked"})
     app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
+
+
+def test_a_claim_is_one_read_and_one_write_with_its_audit_entry(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    name, token, cred_id = start(app_client, keys["emitter"])
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement.split()[0].upper())
+
+    engine = get_engine()
+    sa_event.listen(engine, "before_cursor_execute", count)
+    try:
+        claimed = app_client.post(claim_url(name, "c"), headers=auth(token))
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", count)
+    assert claimed.status_code == 200, claimed.text
+    # The read, then the consuming UPDATE feeding the audit INSERT (one statement).
+    assert seen == ["SELECT", "WITH"], seen
+    entries = sql(
+        "SELECT actor, tenant, task_id FROM audit WHERE credential_id = %s AND action = 'claimed'",
+        cred_id,
+    )
+    assert len(entries) == 1 and entries[0][0] == "claim" and entries[0][1] == "t1"
+    # A consume that finds the row moved on changes nothing and records nothing.
+    with engine.begin() as conn:
+        assert not ledger.take_secret(
+            conn, credential_id=cred_id, sealed_secret="gone", actor="claim", now=utcnow()
+        )
+    assert (
+        len(sql("SELECT 1 FROM audit WHERE credential_id = %s AND action = 'claimed'", cred_id))
+        == 1
+    )
+    app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
+
+
+def test_a_waiting_claim_sees_a_change_that_came_before_it_watched() -> None:
+    waiters = notify.Waiters()
+
+    async def check() -> None:
+        waiters._task = asyncio.create_task(asyncio.sleep(3600))  # a listener "runs"
+        try:
+            since = waiters.clock()
+            assert not waiters.notified_since("c1", since)
+            waiters._wake("c1")  # the mint's message, while the first read was in flight
+            assert waiters.notified_since("c1", since)
+            assert not waiters.notified_since("c2", since)
+            assert not waiters.notified_since("c1", waiters.clock() + 1)
+        finally:
+            waiters._task.cancel()
+        waiters._task = None
+        # Without a listener nothing arrives: the caller re-checks the ledger itself.
+        assert waiters.notified_since("c3", waiters.clock())
+
+    asyncio.run(check())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -21,6 +22,7 @@ from app.api.ratelimit import RateLimiter, bucket_key
 from app.authority.scope import ScopeError, grant_refusal, normalise, source_refusal, workload_in
 from app.core.db import session_scope
 from app.core.models import ApiKey, Role
+from app.core.sealing import hash_api_key
 from app.core.settings import get_settings
 from tests.support.api import auth, event, started, states, unique
 from tests.support.procs import wait_until
@@ -336,3 +338,37 @@ def test_the_dry_run_applies_a_named_emitters_scope(app_client: Any, keys: dict[
     # Without the key's name the dry run decides by policy alone (none is in force here).
     plain = app_client.post("/v1/policy/check", json=body, headers=auth(keys["operator"]))
     assert {g["decision"] for g in plain.json()["grants"]} == {"allow"}
+
+
+def test_the_event_loop_check_shares_the_bucket_and_fails_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = f"async-{uuid.uuid4().hex}"
+    url = REDIS_URL
+    assert RateLimiter().wait(key, 0.5, url) == 0.0  # another process takes the one token
+    assert asyncio.run(RateLimiter().wait_async(key, 0.5, url)) > 0  # ... through Redis
+    limiter = RateLimiter()
+    with caplog.at_level(logging.WARNING, logger="app.api.ratelimit"):
+        started_at = time.monotonic()
+        assert asyncio.run(limiter.wait_async("k", 1.0, "redis://127.0.0.1:1/0")) == 0.0
+        assert time.monotonic() - started_at < 2  # bounded
+    assert "Redis unreachable" in caplog.text
+    assert asyncio.run(limiter.wait_async("k", 1.0, "redis://127.0.0.1:1/0")) > 0
+    assert caplog.text.count("Redis unreachable") == 1
+
+
+def test_a_cached_key_costs_no_thread_hand_off(
+    keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.api import auth as api_auth
+    from app.api import offload
+
+    secret = keys["emitter"]
+    api_auth.forget(hash_api_key(secret))
+    assert asyncio.run(api_auth.lookup_key_async(secret)) is not None  # a miss: in the pool
+
+    async def no_hand_off(*_: Any) -> None:
+        raise AssertionError("a cached key went to a thread")
+
+    monkeypatch.setattr(offload, "run", no_hand_off)
+    assert asyncio.run(api_auth.lookup_key_async(secret)) is not None

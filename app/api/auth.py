@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -14,8 +14,9 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
+from app.api import offload
 from app.authority.scope import normalise as normalise_scope
-from app.core.db import SessionDep, session_scope
+from app.core.db import get_engine, session_scope
 from app.core.logs import log
 from app.core.models import ApiKey, Role, utcnow
 from app.core.sealing import hash_api_key
@@ -103,24 +104,54 @@ def forget(key_hash: str) -> None:
     _cache.pop(key_hash, None)
 
 
-def lookup_key(session: Session, secret: str) -> ApiKey | None:
-    digest = hash_api_key(secret)
+def _cached(digest: str) -> tuple[bool, ApiKey | None]:
+    """(hit, key) from this process's cache; a hit answers without the ledger."""
     hit = _cache.get(digest)
     if hit is not None and hit[0] > time.monotonic():
-        key = hit[1]
-    else:
-        key = session.exec(
-            select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at == None)  # noqa: E711
-        ).first()
-        if key is not None:
-            session.expunge(key)
-            _touch(key)
-        if len(_cache) > 10_000:
-            _cache.clear()
-        _cache[digest] = (time.monotonic() + _CACHE_SECONDS, key)
+        return True, hit[1]
+    return False, None
+
+
+def _load(session: Session, digest: str) -> ApiKey | None:
+    key = session.exec(
+        select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at == None)  # noqa: E711
+    ).first()
+    if key is not None:
+        session.expunge(key)
+        _touch(key)
+    if len(_cache) > 10_000:
+        _cache.clear()
+    _cache[digest] = (time.monotonic() + _CACHE_SECONDS, key)
+    return key
+
+
+def _load_own_session(digest: str) -> ApiKey | None:
+    with Session(get_engine(), expire_on_commit=False) as session:
+        return _load(session, digest)
+
+
+def _unexpired(key: ApiKey | None) -> ApiKey | None:
     if key is not None and key.expires_at is not None and key.expires_at <= utcnow():
         return None
     return key
+
+
+def lookup_key(session: Session, secret: str) -> ApiKey | None:
+    digest = hash_api_key(secret)
+    hit, key = _cached(digest)
+    if not hit:
+        key = _load(session, digest)
+    return _unexpired(key)
+
+
+async def lookup_key_async(secret: str) -> ApiKey | None:
+    """lookup_key for the event loop: a cached key costs no thread hand-off; a miss
+    reads the ledger in the thread pool (the loop never blocks on the database)."""
+    digest = hash_api_key(secret)
+    hit, key = _cached(digest)
+    if not hit:
+        key = await offload.run(_load_own_session, digest)
+    return _unexpired(key)
 
 
 def _touch(key: ApiKey) -> None:
@@ -147,20 +178,20 @@ def _touch(key: ApiKey) -> None:
         log.warning("could not record a key's last use", extra={"error": type(exc).__name__})
 
 
-def current_key(
+async def current_key(
     request: Request,
-    session: SessionDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(api_key_scheme)] = None,
 ) -> ApiKey:
+    # async: FastAPI runs it on the event loop (a sync dependency would hop to a thread).
     secret = bearer(request)
-    key = lookup_key(session, secret) if secret else None
+    key = await lookup_key_async(secret) if secret else None
     if key is None:
         raise HTTPException(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
     return key
 
 
-def require(*roles: Role) -> Callable[..., ApiKey]:
-    def dependency(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+def require(*roles: Role) -> Callable[..., Awaitable[ApiKey]]:
+    async def dependency(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
         if key.role not in roles:
             raise HTTPException(403, f"a {key.role} key may not do this")
         return key

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, TypeVarTuple
 
-import anyio
-import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Security
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import and_
+from sqlalchemy import Table, and_, bindparam
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from app import ledger, notify
+from app.api import offload
 from app.api.auth import EmitterKey, OperatorKey, bearer, tenant_scope
 from app.api.errors import ApiError
 from app.api.paging import page
@@ -42,6 +40,7 @@ from app.profiles import get_profiles
 from app.queue import enqueue_approval_request, enqueue_mint, enqueue_revoke
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 router = APIRouter(tags=["credentials"])
 # Documentation only: the claim reads its bearer itself (a claim token, or a JWT).
 claim_scheme = HTTPBearer(
@@ -88,39 +87,57 @@ class WaitSlots:
 
 
 slots = WaitSlots(MAX_WAITERS_PER_TOKEN, MAX_WAITERS)
-_recheck_limiter: anyio.CapacityLimiter | None = None
 
 
-async def _recheck(func: Callable[..., T], *args: Any) -> T:
+async def _recheck(func: Callable[[*Ts], T], *args: *Ts) -> T:
     """Run a waiter's ledger read on its own few threads, never the shared pool's."""
-    global _recheck_limiter
-    if _recheck_limiter is None:
-        _recheck_limiter = anyio.CapacityLimiter(RECHECK_THREADS)
-    return await anyio.to_thread.run_sync(functools.partial(func, *args), limiter=_recheck_limiter)
+    return await offload.run_in(offload.pool("recheck", RECHECK_THREADS), func, *args)
 
 
-def _latest(session: Session, task_pk: str, grant: str) -> Credential | None:
-    return session.exec(
-        select(Credential)
-        .where(Credential.task_id == task_pk, Credential.grant == grant)
-        .order_by(col(Credential.generation).desc())
-    ).first()
-
-
-def _task_and_latest(
-    session: Session, task_pk: str, grant: str
-) -> tuple[Task | None, Credential | None]:
-    """The task and its grant's latest credential in one round trip (a claim's read)."""
-    row = session.exec(
-        select(Task, Credential)
-        .outerjoin(
-            Credential, and_(col(Credential.task_id) == Task.id, col(Credential.grant) == grant)
+_tasks: Table = Task.__table__  # type: ignore[attr-defined]
+_creds: Table = Credential.__table__  # type: ignore[attr-defined]
+# A claim's read: the task and its grant's latest credential, one Core statement built
+# once (no ORM entities, no identity map, the compiled form cached).
+_CLAIM_READ = (
+    core_select(
+        _tasks.c.tenant.label("task_tenant"),
+        _tasks.c.name.label("task_name"),
+        _tasks.c.workload,
+        _tasks.c.claim_generation,
+        _tasks.c.state.label("task_state"),
+        _creds.c.id,
+        _creds.c.tenant,
+        _creds.c.task_id,
+        _creds.c.issuer,
+        _creds.c.profile,
+        _creds.c.state,
+        _creds.c.claimed_at,
+        _creds.c.minted_at,
+        _creds.c.expires_at,
+        _creds.c.sealed_secret,
+        _creds.c.grant,
+    )
+    .select_from(
+        _tasks.outerjoin(
+            _creds,
+            and_(_creds.c.task_id == _tasks.c.id, _creds.c.grant == bindparam("grant")),
         )
-        .where(Task.id == task_pk)
-        .order_by(col(Credential.generation).desc())
-        .limit(1)
-    ).first()
-    return (row[0], row[1]) if row is not None else (None, None)
+    )
+    .where(_tasks.c.id == bindparam("task"))
+    .order_by(_creds.c.generation.desc())
+    .limit(1)
+)
+
+
+def _facts(row: Any) -> ledger.ClaimedCredential:
+    return ledger.ClaimedCredential(
+        id=row.id,
+        tenant=row.tenant,
+        task_id=row.task_id,
+        issuer=row.issuer,
+        profile=row.profile,
+        minted_at=row.minted_at,
+    )
 
 
 @dataclass(frozen=True)
@@ -208,71 +225,93 @@ def _authorize_at_claim(session: Session, task: Task, cred: Credential, subject:
     return f"policy denies this claim: {decision.reason}"
 
 
-def _try_claim(claimant: Claimant, task_name: str, grant: str) -> tuple[int, dict[str, Any]]:
-    """One attempt: (status, body). 409 means 'not yet'."""
+def _try_claim(
+    claimant: Claimant, task_name: str, grant: str
+) -> tuple[int, dict[str, Any], str | None]:
+    """One attempt: (status, body, credential id). 409 means 'not yet'."""
     with Session(get_engine(), expire_on_commit=False) as session:
-        task, cred = _task_and_latest(session, claimant.task_pk, grant)
-        if task is None or task.tenant != claimant.tenant or task.name != task_name:
-            return 403, {"error": "this claim token is not valid for this task"}
-        if claimant.subject is not None and task.workload != claimant.subject:
-            return 403, {"error": JWT_REFUSED}
-        if claimant.subject is None and claimant.generation != task.claim_generation:
+        conn = session.connection()
+        row = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+        if row is None or row.task_tenant != claimant.tenant or row.task_name != task_name:
+            return 403, {"error": "this claim token is not valid for this task"}, None
+        if claimant.subject is not None and row.workload != claimant.subject:
+            return 403, {"error": JWT_REFUSED}, None
+        if claimant.subject is None and claimant.generation != row.claim_generation:
             # A rotation made a new token: whoever holds an older one gets nothing.
-            return 403, {"error": "this claim token was replaced by a rotation"}
-        if cred is None:
-            return 404, {"error": f"task has no grant {grant!r}"}
-        if cred.claimed_at is not None:
+            return 403, {"error": "this claim token was replaced by a rotation"}, None
+        if row.id is None:
+            return 404, {"error": f"task has no grant {grant!r}"}, None
+        if row.claimed_at is not None:
             # Whatever became of the task or the credential since: someone else holds
             # the token and came second. Said, even after the end.
-            return _second_claim(session, cred, claimant)
-        if task.state != TaskState.running:
-            return 410, {"error": "the task has ended", "state": task.state}
-        if cred.state in WAITING:
-            return 409, {"error": "not minted yet", "state": cred.state}
-        if cred.state != CredState.active:
-            return 410, {"error": f"credential is {cred.state}", "state": cred.state}
-        profile = get_profiles().get(cred.profile)
+            return (*_second_claim(session, _facts(row), claimant), row.id)
+        if row.task_state != TaskState.running:
+            return 410, {"error": "the task has ended", "state": row.task_state}, row.id
+        if row.state in WAITING:
+            return 409, {"error": "not minted yet", "state": row.state}, row.id
+        if row.state != CredState.active:
+            return 410, {"error": f"credential is {row.state}", "state": row.state}, row.id
+        profile = get_profiles().get(row.profile)
         if profile is not None and profile.claim == "jwt":
             if claimant.subject is None:
-                return 403, {"error": f"profile {cred.profile!r} accepts only a JWT claim"}
+                return (
+                    403,
+                    {"error": f"profile {row.profile!r} accepts only a JWT claim"},
+                    row.id,
+                )
             # The emitter named the workload at start; the JWT has proven it: ask again.
+            task = session.get(Task, claimant.task_pk)
+            cred = session.get(Credential, row.id)
+            assert task is not None and cred is not None  # read above, never deleted live
             refusal = _authorize_at_claim(session, task, cred, claimant.subject)
             if refusal is not None:
-                return 403, {"error": refusal}
-        if cred.sealed_secret is None:
-            return 410, {"error": "credential holds no secret", "state": cred.state}
+                return 403, {"error": refusal}, row.id
+            conn = session.connection()
+        if row.sealed_secret is None:
+            return 410, {"error": "credential holds no secret", "state": row.state}, row.id
         # Decrypt first, consume after, one transaction: a secret that cannot be
         # decrypted is never destroyed (the claim answers 500 and can be tried again).
         try:
-            secret = sealing.unseal(cred.sealed_secret)
+            secret = sealing.unseal(row.sealed_secret)
         except ValueError:
             log.error(
                 "claim: the sealed secret cannot be decrypted with the configured keys",
-                extra={"credential": cred.id, "task": cred.task_id, "profile": cred.profile},
+                extra={"credential": row.id, "task": row.task_id, "profile": row.profile},
             )
-            return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}
+            return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}, row.id
         if not ledger.take_secret(
-            session, cred, actor=claimant.actor, now=utcnow(), detail=claimant.detail
+            conn,
+            credential_id=row.id,
+            sealed_secret=row.sealed_secret,
+            actor=claimant.actor,
+            now=utcnow(),
+            detail=claimant.detail,
         ):
             session.rollback()
-            session.refresh(cred)
-            if cred.claimed_at is not None:
-                return _second_claim(session, cred, claimant)
+            conn = session.connection()
+            again = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+            if again is not None and again.id == row.id and again.claimed_at is not None:
+                return (*_second_claim(session, _facts(again), claimant), row.id)
             # Lost a race with a revoke (or the task's end): no interception.
-            return 410, {"error": f"credential is {cred.state}", "state": cred.state}
+            state = again.state if again is not None and again.id == row.id else row.state
+            return 410, {"error": f"credential is {state}", "state": state}, row.id
         session.commit()
-        observe.claimed(cred)
-        return 200, {
-            "grant": cred.grant,
-            "profile": cred.profile,
-            "issuer": cred.issuer,
-            "expires_at": cred.expires_at,
-            "secret": secret,
-        }
+        observe.claimed(_facts(row))
+        return (
+            200,
+            {
+                "grant": row.grant,
+                "profile": row.profile,
+                "issuer": row.issuer,
+                "expires_at": row.expires_at,
+                "secret": secret,
+            },
+            row.id,
+        )
 
 
 def _second_claim(
-    session: Session, cred: Credential, claimant: Claimant
+    session: Session, cred: ledger.ClaimedCredential, claimant: Claimant
 ) -> tuple[int, dict[str, Any]]:
     ledger.record_second_claim(session, cred, actor=claimant.actor, now=utcnow())
     session.commit()
@@ -300,19 +339,20 @@ async def claim(
     task_name = raw_segment(request, 2)
     grant = raw_segment(request, 4)
     if token and identity.looks_like_jwt(token):
-        claimant = await run_in_threadpool(_jwt_claimant, token, tenant, task_name)
+        claimant = await offload.run(_jwt_claimant, token, tenant, task_name)
     else:
         bound = sealing.read_claim_token(token) if token else None
         if bound is None:
             raise ApiError(403, "a valid claim token is required")
         claimant = Claimant(tenant=bound[0], task_pk=bound[1], generation=bound[2])
     deadline = time.monotonic() + wait
-    status, body = await run_in_threadpool(_try_claim, claimant, task_name, grant)
-    if status == 409 and wait > 0:
+    since = notify.waiters.clock()  # before the read: a change after it wakes this claim
+    status, body, cred_id = await offload.run(_try_claim, claimant, task_name, grant)
+    if status == 409 and wait > 0 and cred_id is not None:
         with slots.take(claimant.task_pk) as admitted:
             if admitted:
                 status, body = await _wait_for_claim(
-                    claimant, task_name, grant, deadline, (status, body)
+                    claimant, task_name, grant, deadline, cred_id, since, (status, body)
                 )
     headers = {"Cache-Control": "no-store"}
     if status == 409:
@@ -325,23 +365,26 @@ async def _wait_for_claim(
     task_name: str,
     grant: str,
     deadline: float,
+    cred_id: str,
+    since: float,
     last: tuple[int, dict[str, Any]],
 ) -> tuple[int, dict[str, Any]]:
+    """Register interest in the credential the first attempt read, then re-check only
+    when it changed: at once if a notification came since that read began (none is
+    missed), else when woken (or every 2 s: a message lost while reconnecting)."""
     status, body = last
-    cred_id = await _recheck(_cred_id, claimant.task_pk, grant)
-    with notify.waiters.watch(cred_id or "") as woken:
+    with notify.waiters.watch(cred_id) as woken:
+        changed = notify.waiters.notified_since(cred_id, since)
         while (remaining := deadline - time.monotonic()) > 0:
-            status, body = await _recheck(_try_claim, claimant, task_name, grant)
+            if not changed:
+                await notify.waiters.wait(woken, remaining)
+                if deadline - time.monotonic() <= 0:
+                    break  # the wait is over: the last answer stands
+            changed = False
+            status, body, _ = await _recheck(_try_claim, claimant, task_name, grant)
             if status != 409:
                 break
-            await notify.waiters.wait(woken, remaining)
     return status, body
-
-
-def _cred_id(task_pk: str, grant: str) -> str | None:
-    with Session(get_engine()) as session:
-        cred = _latest(session, task_pk, grant)
-        return cred.id if cred else None
 
 
 class RotateOut(BaseModel):

@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -17,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import ledger
+from app.api import offload
 from app.api.auth import EmitterKey
 from app.api.errors import ApiError, describe_validation
 from app.api.limits import MAX_EVENT_BODY
@@ -290,7 +290,7 @@ async def post_event(request: Request, key: EmitterKey) -> ApiJSON:
     body = await request.body()
     event = parse_event(body, request.headers.get("content-type", ""), request.headers)
     request.state.event_type = event.type  # for leasehold_events_total (count_events)
-    result, answer = await run_in_threadpool(_apply_and_enqueue, key, event)
+    result, answer = await offload.run(_apply_and_enqueue, key, event)
     log.info(
         "event",
         extra={

@@ -11,6 +11,7 @@ process), logs a warning and tries Redis again after RETRY_REDIS_AFTER.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -18,8 +19,8 @@ import threading
 import time
 
 import redis
-from fastapi.concurrency import run_in_threadpool
-from redis.commands.core import Script
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript, Script
 
 from app.api.errors import ApiError
 from app.core.settings import get_settings
@@ -59,6 +60,9 @@ class RateLimiter:
         self._local: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         # Per process (a forked worker must not share a socket): url, and the script.
         self._scripts: dict[int, tuple[str, Script]] = {}
+        # The event loop's own client (one loop per API process): the check costs the
+        # loop one Redis round trip and no thread hand-off. Keyed by the loop it is bound to.
+        self._async: tuple[asyncio.AbstractEventLoop, str, AsyncScript] | None = None
         self._redis_down_until = 0.0
 
     def wait(self, key_id: str, rate: float, redis_url: str | None) -> float:
@@ -76,6 +80,32 @@ class RateLimiter:
                     RETRY_REDIS_AFTER,
                 )
         return self._local_wait(key_id, rate, burst)
+
+    async def wait_async(self, key_id: str, rate: float, redis_url: str) -> float:
+        """wait() for the event loop: the same bucket, Redis answers or fails open alike."""
+        burst = max(1.0, rate)
+        if time.monotonic() >= self._redis_down_until:
+            try:
+                script = self._async_script(redis_url)
+                return float(await script(keys=[bucket_key(key_id)], args=[rate, burst]))
+            except (redis.RedisError, OSError) as exc:
+                self._redis_down_until = time.monotonic() + RETRY_REDIS_AFTER
+                logger.warning(
+                    "event rate limit: Redis unreachable (%s); limiting per process for %ss",
+                    type(exc).__name__,
+                    RETRY_REDIS_AFTER,
+                )
+        return self._local_wait(key_id, rate, burst)
+
+    def _async_script(self, url: str) -> AsyncScript:
+        loop = asyncio.get_running_loop()
+        held = self._async
+        if held is None or held[0] is not loop or held[1] != url:
+            client = aioredis.Redis.from_url(
+                url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
+            )
+            held = self._async = (loop, url, client.register_script(_BUCKET))
+        return held[2]
 
     def _script(self, url: str) -> Script:
         held = self._scripts.get(os.getpid())
@@ -120,8 +150,8 @@ async def check_event_rate(key_id: str) -> None:
     url = _redis_url()
     if url is None:
         wait = limiter.wait(key_id, rate, None)
-    else:  # a blocking call, bounded by REDIS_TIMEOUT: off the event loop
-        wait = await run_in_threadpool(limiter.wait, key_id, rate, url)
+    else:  # on the event loop, non-blocking, bounded by REDIS_TIMEOUT
+        wait = await limiter.wait_async(key_id, rate, url)
     if wait > 0:
         retry = max(1, math.ceil(wait))
         raise ApiError(

@@ -8,6 +8,9 @@ cannot be written (a full disk) costs a warning, never a mint or a revoke.
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Protocol
+
 from app.core.logs import log
 from app.core.models import Credential, utcnow
 from app.core.redact import clip
@@ -15,7 +18,24 @@ from app.core.settings import get_settings
 from app.observability import metrics, sentry
 
 
-def _tags(cred: Credential) -> dict[str, str]:
+class CredentialFacts(Protocol):
+    """What a claim's metrics and log lines read: a Credential, or the claim's Core row."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def profile(self) -> str: ...
+    @property
+    def minted_at(self) -> datetime | None: ...
+
+
+def _tags(cred: CredentialFacts) -> dict[str, str]:
     return {
         "issuer": cred.issuer,
         "profile": cred.profile,
@@ -77,7 +97,7 @@ def revoke_failed(cred: Credential, attempts: int, error: str) -> None:
         )
 
 
-def claimed(cred: Credential) -> None:
+def claimed(cred: CredentialFacts) -> None:
     since_mint = (utcnow() - cred.minted_at).total_seconds() if cred.minted_at else None
     log.info(
         "claimed",
@@ -95,7 +115,7 @@ def claimed(cred: Credential) -> None:
         log.warning("metrics not recorded", extra={"error": str(exc)})
 
 
-def second_claim(cred: Credential) -> None:
+def second_claim(cred: CredentialFacts) -> None:
     log.warning(
         "second claim: possible interception",
         extra={
