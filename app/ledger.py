@@ -1425,6 +1425,27 @@ _REVOKE_COLUMNS = (
 )
 
 
+@lru_cache
+def _take_revokes_statement(lock: bool) -> Any:
+    """take_revokes' query, built once with bound parameters: building and cache-keying
+    it afresh per call cost about 5 % of the worker's CPU."""
+    table = Credential.__table__  # type: ignore[attr-defined]
+    cred_id: Any = sqlalchemy.bindparam("cred_id")
+    query = (
+        sqlalchemy.select(table.c.state, *(table.c[name] for name in _REVOKE_COLUMNS))
+        .where(
+            or_(
+                table.c.id == cred_id,
+                (table.c.state == CredState.revoking.value)
+                & (table.c.next_attempt_at <= sqlalchemy.bindparam("due")),
+            )
+        )
+        .order_by(case((table.c.id == cred_id, 0), else_=1), table.c.next_attempt_at)
+        .limit(sqlalchemy.bindparam("limit"))
+    )
+    return query.with_for_update(skip_locked=True) if lock else query
+
+
 def take_revokes(
     session: Session, cred_id: str, *, now: datetime, limit: int
 ) -> tuple[str | None, list[Credential]]:
@@ -1434,24 +1455,11 @@ def take_revokes(
     `next_attempt_at` is that time plus REVOKE_REDRIVE), oldest first, so a burst of
     ends is revoked in batches. Rows another step holds are skipped: that step records
     them. One statement; transient Credential objects (not in the session)."""
-    table = Credential.__table__  # type: ignore[attr-defined]
-    query = (
-        sqlalchemy.select(table.c.state, *(table.c[name] for name in _REVOKE_COLUMNS))
-        .where(
-            or_(
-                table.c.id == cred_id,
-                (table.c.state == CredState.revoking.value)
-                & (table.c.next_attempt_at <= now + REVOKE_REDRIVE),
-            )
-        )
-        .order_by(case((table.c.id == cred_id, 0), else_=1), table.c.next_attempt_at)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = _take_revokes_statement(session.get_bind().dialect.name == "postgresql")
+    params = {"cred_id": cred_id, "due": now + REVOKE_REDRIVE, "limit": limit}
     state: str | None = None
     rows = []
-    for row in session.execute(query):
+    for row in session.execute(query, params):
         if row.id == cred_id:
             state = row.state
         if row.state == CredState.revoking:
