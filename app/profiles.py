@@ -282,19 +282,23 @@ def load_profiles(path: Path) -> dict[str, Profile]:
     return parse_profiles(document)
 
 
-_cache: dict[Path, tuple[float, dict[str, Profile]]] = {}
+# Keyed by the path as configured (resolving it costs a syscall per component, on every
+# event); the stamp follows symlinks, so a swapped link (a Kubernetes ConfigMap) is a
+# new file: another inode, so it is read again even with the same mtime.
+_cache: dict[Path, tuple[tuple[int, int, int, int], dict[str, Profile]]] = {}
 
 
 def get_profiles(path: Path | None = None) -> dict[str, Profile]:
     """The profiles file, parsed once per process and again when it changes on disk."""
     from app.core.settings import get_settings
 
-    path = (path or get_settings().profiles_file).resolve()
+    path = path or get_settings().profiles_file
     try:
-        mtime = path.stat().st_mtime
+        st = path.stat()
     except FileNotFoundError:
-        raise ProfileError(f"profiles file not found: {path}") from None
+        raise ProfileError(f"profiles file not found: {path.resolve()}") from None
+    stamp = (st.st_mtime_ns, st.st_ino, st.st_dev, st.st_size)
     cached = _cache.get(path)
-    if cached is None or cached[0] != mtime:
-        _cache[path] = (mtime, load_profiles(path))
+    if cached is None or cached[0] != stamp:
+        _cache[path] = (stamp, load_profiles(path))
     return _cache[path][1]

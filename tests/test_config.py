@@ -20,6 +20,7 @@ from app.profiles import (
     RedisProfile,
     VaultDynamicProfile,
     VaultTokenProfile,
+    get_profiles,
     load_profiles,
     parse_profiles,
 )
@@ -805,3 +806,19 @@ def test_compose_runs_the_commands_and_settings_the_readme_documents() -> None:
     script = services["secrets"]["command"][0]
     for file in re.findall(r'ensure\("(leasehold_\w+)"', script):
         assert file.upper() in settings, file
+
+
+def test_profiles_are_read_again_when_a_symlink_is_swapped(tmp_path: Path) -> None:
+    """The cache is keyed by the configured path, not its target: a swapped link (how a
+    Kubernetes ConfigMap updates) is a new file and is read again, same mtime or not."""
+    old, new = tmp_path / "a.toml", tmp_path / "b.toml"
+    old.write_text('[profiles.one]\nissuer = "vault-token"\npolicies = ["r"]\nmax_ttl = 60\n')
+    new.write_text('[profiles.two]\nissuer = "vault-token"\npolicies = ["r"]\nmax_ttl = 60\n')
+    os.utime(new, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
+    link = tmp_path / "profiles.toml"
+    link.symlink_to(old)
+    assert set(get_profiles(link)) == {"one"}
+    swap = tmp_path / "swap"
+    swap.symlink_to(new)
+    swap.replace(link)  # atomic, as kubelet does it
+    assert set(get_profiles(link)) == {"two"}
