@@ -197,6 +197,61 @@ _END_TASK = (
         .label("has_children")
     )
 )
+
+
+def _pg_end_statement() -> sqlalchemy.Select[Any]:
+    """A task's end on PostgreSQL in one statement: running -> ended (CAS, answering
+    whether a running child is left), its CA's key destroyed, its live credentials ->
+    revoking as request_revoke moves them (the secret destroyed, due again after
+    REVOKE_REDRIVE). No row: the task was not running. Else one row per credential
+    moved (id NULL when none), each with has_children."""
+    t, c, ca = _TASKS, _CREDS, _TASK_CAS
+    task_id: sqlalchemy.BindParameter[str] = sqlalchemy.bindparam("b_task_id")
+    ended = (
+        sqlalchemy.update(t)
+        .where(t.c.id == task_id, t.c.state == TaskState.running.value)
+        .values(state=sqlalchemy.bindparam("new_state"), ended_at=sqlalchemy.bindparam("at"))
+        .returning(
+            t.c.id,
+            exists()
+            .where(_CHILD.c.parent_id == t.c.id, _CHILD.c.state == TaskState.running.value)
+            .label("has_children"),
+        )
+        .cte("ended")
+    )
+    at: sqlalchemy.BindParameter[datetime] = sqlalchemy.bindparam("at")
+    revoked = (
+        sqlalchemy.update(c)
+        .where(
+            c.c.task_id == task_id,
+            c.c.state.in_(LIVE_CRED_STATES),
+            c.c.task_id.in_(sqlalchemy.select(ended.c.id)),
+        )
+        .values(
+            state=CredState.revoking.value,
+            revoke_reason=sqlalchemy.bindparam("b_reason"),
+            revoke_requested_at=at,
+            sealed_secret=null(),
+            next_attempt_at=sqlalchemy.bindparam("b_redrive"),
+            updated_at=at,
+        )
+        .returning(c.c.id, c.c.tenant, c.c.task_id)
+        .cte("revoked")
+    )
+    sealed = (
+        sqlalchemy.update(ca)
+        .where(ca.c.task_id.in_(sqlalchemy.select(ended.c.id)))
+        .values(sealed_key=null())
+        .cte("sealed")
+    )
+    return (
+        sqlalchemy.select(ended.c.has_children, revoked.c.id, revoked.c.tenant, revoked.c.task_id)
+        .select_from(ended.outerjoin(revoked, sqlalchemy.true()))
+        .add_cte(sealed)
+    )
+
+
+_PG_END = _pg_end_statement()
 _SEAL_CA = (
     sqlalchemy.update(_TASK_CAS)
     .where(_TASK_CAS.c.task_id == sqlalchemy.bindparam("ca_task_id"))
@@ -997,28 +1052,53 @@ def end_task(
     The audit entries go to `audits` when given (the caller writes them), else in one
     INSERT here. `has_ca` False: the caller knows the task has no CA to seal."""
     entries: list[dict[str, Any]] = [] if audits is None else audits
-    # Whether a running child exists is read by this statement, after the task's row
-    # lock is held: a child's start locks its parent, so none can appear meanwhile.
-    ended = session.execute(_END_TASK, {"task_id": task.id, "new_state": state, "at": now}).first()
-    if ended is None:
-        return []
+    if session.get_bind().dialect.name == "postgresql":
+        # The task, its CA and its credentials in one round trip (_PG_END).
+        rows = session.execute(
+            _PG_END,
+            {
+                "b_task_id": task.id,
+                "new_state": state,
+                "at": now,
+                "b_reason": reason,
+                "b_redrive": now + REVOKE_REDRIVE,
+            },
+        ).all()
+        if not rows:
+            return []
+        has_children = bool(rows[0].has_children)
+        revoked = [(r.id, r.tenant, r.task_id) for r in rows if r.id is not None]
+    else:
+        # Whether a running child exists is read by this statement, after the task's row
+        # lock is held: a child's start locks its parent, so none can appear meanwhile.
+        ended = session.execute(
+            _END_TASK, {"task_id": task.id, "new_state": state, "at": now}
+        ).first()
+        if ended is None:
+            return []
+        has_children = bool(ended.has_children)
+        if has_ca:
+            # Its forward-mode CA can sign nothing more: the key is destroyed with the end.
+            session.execute(_SEAL_CA, {"ca_task_id": task.id})
+        revoked = []
     if isinstance(task, Task):  # an ORM row: the database holds this already
         set_committed_value(task, "state", state)
         set_committed_value(task, "ended_at", now)
     else:
         task.state, task.ended_at = state, now
-    if has_ca:
-        # Its forward-mode CA can sign nothing more: the key is destroyed with the task's end.
-        session.execute(_SEAL_CA, {"ca_task_id": task.id})
     entries.append(
         _audit_row(
             "task_ended", actor=actor, tenant=task.tenant, task_id=task.id, reason=reason, now=now
         )
     )
-    revoke = request_revoke(
-        session, task_id=task.id, reason=reason, actor=actor, now=now, audits=entries
-    )
-    if ended.has_children:
+    if session.get_bind().dialect.name == "postgresql":
+        entries.extend(_revoke_entries(revoked, reason=reason, actor=actor, now=now))
+        revoke = [r[0] for r in revoked]
+    else:
+        revoke = request_revoke(
+            session, task_id=task.id, reason=reason, actor=actor, now=now, audits=entries
+        )
+    if has_children:
         children = session.exec(
             select(Task).where(Task.parent_id == task.id, Task.state == TaskState.running)
         ).all()
@@ -1035,6 +1115,22 @@ def end_task(
     if audits is None:
         write_audit(session, entries)
     return revoke
+
+
+def _revoke_entries(rows: Any, *, reason: str, actor: str, now: datetime) -> list[dict[str, Any]]:
+    """The `revoke_requested` entries of (credential id, tenant, task id) rows."""
+    return [
+        _audit_row(
+            "revoke_requested",
+            actor=actor,
+            tenant=tenant,
+            task_id=task_pk,
+            credential_id=cred_id,
+            reason=reason,
+            now=now,
+        )
+        for cred_id, tenant, task_pk in rows
+    ]
 
 
 def request_revoke(
@@ -1069,18 +1165,7 @@ def request_revoke(
             updated_at=now,
         ).returning(c.id, c.tenant, c.task_id)
     ).all()
-    entries = [
-        _audit_row(
-            "revoke_requested",
-            actor=actor,
-            tenant=tenant,
-            task_id=task_pk,
-            credential_id=cred_id,
-            reason=reason,
-            now=now,
-        )
-        for cred_id, tenant, task_pk in rows
-    ]
+    entries = _revoke_entries(rows, reason=reason, actor=actor, now=now)
     if audits is None:
         write_audit(session, entries)
     else:
