@@ -288,8 +288,11 @@ def _audit_row(
 
 
 def write_audit(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Audit entries in one statement (an executemany: one round trip on psycopg)."""
-    if rows:
+    """Audit entries in one statement: several as one JSON array on PostgreSQL (an
+    executemany would send one INSERT per row)."""
+    if len(rows) > 1 and session.get_bind().dialect.name == "postgresql":
+        session.execute(_PG_AUDIT, {"audit": _to_json(rows)})
+    elif rows:
         session.execute(_AUDIT_INSERT, rows)
 
 
@@ -332,6 +335,11 @@ def _json_value(value: Any) -> Any:
 
 
 _to_json = json.JSONEncoder(default=_json_value).encode
+
+
+_PG_AUDIT = sqlalchemy.text(
+    "INSERT INTO audit SELECT * FROM json_populate_recordset(NULL::audit, CAST(:audit AS json))"
+)
 
 
 def write_batch(session: Session, batch: _Batch) -> None:
@@ -471,14 +479,13 @@ def check_grants(event: EventIn, tenant: str, profiles: dict[str, Profile]) -> N
 def _lookup_statement(with_switches: bool) -> sqlalchemy.Select[Any]:
     """The duplicate check and the task (locked), in one round trip: always one row,
     its event columns NULL when the event is new, its task columns NULL when the task
-    is. Also whether the task has a CA (its end seals nothing otherwise) and, for a
-    start, whether any kill switch can match the tenant (the switches are read only
-    then). Built once, bound per call: the compiled form is cached."""
+    is. For a start, also whether any kill switch can match the tenant (the switches
+    are read only then). Built once, bound per call: the compiled form is cached. The
+    lock is taken in a CTE: PostgreSQL refuses FOR UPDATE on the nullable side of a join."""
     t = _TASKS
     tenant: sqlalchemy.BindParameter[str] = sqlalchemy.bindparam("tenant")
-    has_ca = exists().where(_TASK_CAS.c.task_id == t.c.id)
     locked = (
-        sqlalchemy.select(*t.c, has_ca.label("has_ca"))
+        sqlalchemy.select(*t.c)
         .where(t.c.tenant == tenant, t.c.name == sqlalchemy.bindparam("name"))
         .with_for_update(of=t)
         .cte("locked")
@@ -514,7 +521,6 @@ def _lookup_statement(with_switches: bool) -> sqlalchemy.Select[Any]:
 class _Lookup:
     seen: tuple[str, str, Any] | None  # (type, subject, data) of the stored event
     task: TaskRow | None
-    has_ca: bool
     switched: bool  # a kill switch in force may match the tenant (starts only)
 
 
@@ -539,7 +545,6 @@ def _lookup(session: Session, tenant: str, event: EventIn) -> _Lookup:
         if row["seen_type"] is not None
         else None,
         task=task,
-        has_ca=bool(row["has_ca"]),
         switched=bool(row["switched"]) if starting else True,
     )
 
@@ -640,7 +645,6 @@ def apply_event(
                 reason,
                 actor=key.name,
                 now=now,
-                has_ca=found.has_ca,
                 audits=audits,
             )
             result = EventResult(task=task, duplicate=False, to_revoke=revoke)
@@ -1044,13 +1048,12 @@ def end_task(
     *,
     actor: str,
     now: datetime,
-    has_ca: bool = True,
     audits: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Running -> ended (CAS); its credentials and its children's go to revoking.
 
     The audit entries go to `audits` when given (the caller writes them), else in one
-    INSERT here. `has_ca` False: the caller knows the task has no CA to seal."""
+    INSERT here."""
     entries: list[dict[str, Any]] = [] if audits is None else audits
     if session.get_bind().dialect.name == "postgresql":
         # The task, its CA and its credentials in one round trip (_PG_END).
@@ -1077,9 +1080,8 @@ def end_task(
         if ended is None:
             return []
         has_children = bool(ended.has_children)
-        if has_ca:
-            # Its forward-mode CA can sign nothing more: the key is destroyed with the end.
-            session.execute(_SEAL_CA, {"ca_task_id": task.id})
+        # Its forward-mode CA can sign nothing more: the key is destroyed with the end.
+        session.execute(_SEAL_CA, {"ca_task_id": task.id})
         revoked = []
     if isinstance(task, Task):  # an ORM row: the database holds this already
         set_committed_value(task, "state", state)

@@ -16,7 +16,7 @@ from sqlmodel import col, select
 
 from app import ledger
 from app.core.db import get_engine, session_scope
-from app.core.models import AuditEntry, Credential, CredState, Event, Task, TaskCA
+from app.core.models import AuditEntry, Credential, CredState, Event, Task, TaskCA, utcnow
 from app.issuers.base import mark
 from tests.support.isolated import Driver, session_profiles
 
@@ -207,3 +207,30 @@ def test_event_rows_on_sqlite() -> None:
     with session_scope() as s:
         child = s.exec(select(Task).where(Task.tenant == "embedded", Task.name == "child")).one()
     assert child.state == "cancelled"
+
+
+def test_cancel_writes_its_entries_in_one_statement(count_statements: list[str]) -> None:
+    """An operator's cancel (an ORM task, outside the event path): the end in one
+    statement, its entries (the end, each revoke) in one more, every column set."""
+    driver = Driver(tenant=f"cancel-{os.urandom(3).hex()}")
+    grants = [{"name": "db", "profile": "reports-readonly"}, {"name": "c", "profile": "task-cache"}]
+    driver.apply("task.started", "cancelled", {"max_duration": 60, "grants": grants})
+    with session_scope() as s:
+        task = s.exec(
+            select(Task).where(Task.tenant == driver.tenant, Task.name == "cancelled")
+        ).one()
+        count_statements.clear()
+        revoke = ledger.cancel_task(s, task, actor="operator", now=utcnow())
+        assert len(count_statements) == 2, count_statements
+        assert task.state == "cancelled" and not s.dirty  # nothing left for a flush
+    assert len(revoke) == 2
+    _, creds, entries = _rows("cancelled", driver.tenant)
+    assert {c.state for c in creds} == {CredState.revoking}
+    tail = entries[-3:]
+    assert [e.action for e in tail] == ["task_ended", "revoke_requested", "revoke_requested"]
+    assert {e.credential_id for e in tail[1:]} == set(revoke)
+    assert all(
+        (e.actor, e.reason, e.tenant, e.exported_seq)
+        == ("operator", "cancelled", driver.tenant, None)
+        for e in tail
+    )
