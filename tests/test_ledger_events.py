@@ -234,3 +234,47 @@ def test_cancel_writes_its_entries_in_one_statement(count_statements: list[str])
         == ("operator", "cancelled", driver.tenant, None)
         for e in tail
     )
+
+
+def test_concurrent_events_are_one_task() -> None:
+    """Requests racing with one event, or with several starts of one task: the losers'
+    INSERT fails on a unique key, `_apply` retries, and they answer as a duplicate or a
+    repeat start. One task, one credential per grant, one row per event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.api.events import _apply
+    from app.ledger import EventIn
+
+    driver = Driver(tenant=f"race-{os.urandom(3).hex()}")
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+
+    def start(subject: str, event_id: str) -> tuple[Any, dict[str, Any]]:
+        return _apply(
+            driver.key,
+            EventIn(
+                source="pytest://race",
+                id=event_id,
+                type="task.started",
+                subject=subject,
+                time=utcnow(),
+                data=data,
+                body_hash="race",
+            ),
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        same = list(pool.map(lambda _: start("same-event", "one-id"), range(8)))
+        starts = list(pool.map(lambda i: start("same-task", f"id-{i}"), range(8)))
+    assert sorted(r.duplicate for r, _ in same) == [False] + [True] * 7
+    assert len({a["claim_token"] for _, a in same}) == 1  # the first answer again
+    assert not any(r.duplicate for r, _ in starts)
+    assert sum(len(r.to_mint) for r, _ in starts) == 1  # the repeats mint nothing
+    for subject, events in (("same-event", 1), ("same-task", 8)):
+        _, creds, entries = _rows(subject, driver.tenant)
+        assert len(creds) == 1
+        assert [e.action for e in entries].count("event") == events
+        with session_scope() as s:
+            stored = s.exec(
+                select(Event).where(Event.tenant == driver.tenant, Event.subject == subject)
+            ).all()
+        assert len(stored) == events
