@@ -7,7 +7,7 @@ and enqueues worker jobs (ids only) after its commit.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import case, delete, exists, func, literal, null, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from app.authority import policy, scope
@@ -96,7 +97,7 @@ class EventIn:
 
 @dataclass
 class EventResult:
-    task: Task
+    task: AnyTask
     duplicate: bool
     to_mint: list[str] = field(default_factory=list)
     to_revoke: list[str] = field(default_factory=list)
@@ -125,6 +126,240 @@ def _installation_id(url: str) -> str:
         return installation(session).id
 
 
+@dataclass(slots=True)
+class TaskRow:
+    """A task row as the event path reads and writes it with Core statements: what a
+    `Task` holds, without the ORM's instance state (building a `Task` costs more than
+    the statement that stores it)."""
+
+    id: str
+    tenant: str
+    name: str
+    owner_key_id: str
+    source: str
+    workload: str | None
+    parent_id: str | None
+    depth: int
+    state: str
+    max_ttl: int | None
+    claim_generation: int
+    started_at: datetime | None
+    deadline: datetime | None
+    ended_at: datetime | None
+    created_at: datetime
+
+
+# A task as the transitions take it: an ORM row (an operator's cancel, the deadline
+# sweep, a rotation) or a Core one (an event).
+AnyTask = Task | TaskRow
+
+# The tables, for Core statements on the hot paths: no unit of work, no identity map.
+_TASKS: sqlalchemy.Table = Task.__table__  # type: ignore[attr-defined]
+_CREDS: sqlalchemy.Table = Credential.__table__  # type: ignore[attr-defined]
+_EVENTS: sqlalchemy.Table = Event.__table__  # type: ignore[attr-defined]
+_AUDIT: sqlalchemy.Table = AuditEntry.__table__  # type: ignore[attr-defined]
+_TASK_CAS: sqlalchemy.Table = TaskCA.__table__  # type: ignore[attr-defined]
+_SWITCHES: sqlalchemy.Table = KillSwitch.__table__  # type: ignore[attr-defined]
+_TASK_FIELDS = tuple(f.name for f in fields(TaskRow))
+_AUDIT_INSERT = sqlalchemy.insert(_AUDIT)
+# What a new credential row holds before its mint: every column an INSERT leaves out
+# (the model's defaults; an executemany needs the same keys in every row).
+_CRED_DEFAULTS: dict[str, Any] = {
+    "backend_ref": None,
+    "backend_lease": None,
+    "token_digest": None,
+    "minted_at": None,
+    "claimed_at": None,
+    "revoked_at": None,
+    "revoke_reason": None,
+    "revoke_requested_at": None,
+    "approved_at": None,
+    "attempts": 0,
+    "last_error": None,
+    "sealed_secret": None,
+}
+_CHILD = _TASKS.alias("child")
+# Running -> ended (CAS), answering whether a running child is left to end with it.
+_END_TASK = (
+    sqlalchemy.update(_TASKS)
+    .where(
+        _TASKS.c.id == sqlalchemy.bindparam("task_id"),
+        _TASKS.c.state == TaskState.running.value,
+    )
+    .values(state=sqlalchemy.bindparam("new_state"), ended_at=sqlalchemy.bindparam("at"))
+    .returning(
+        exists()
+        # The id bound again, not correlated: SQLite's RETURNING drops table prefixes.
+        .where(
+            _CHILD.c.parent_id == sqlalchemy.bindparam("task_id"),
+            _CHILD.c.state == TaskState.running.value,
+        )
+        .label("has_children")
+    )
+)
+
+
+def _pg_end_statement() -> sqlalchemy.Select[Any]:
+    """A task's end on PostgreSQL in one statement: running -> ended (CAS, answering
+    whether a running child is left), its CA's key destroyed, its live credentials ->
+    revoking as request_revoke moves them (the secret destroyed, due again after
+    REVOKE_REDRIVE). No row: the task was not running. Else one row per credential
+    moved (id NULL when none), each with has_children."""
+    t, c, ca = _TASKS, _CREDS, _TASK_CAS
+    task_id: sqlalchemy.BindParameter[str] = sqlalchemy.bindparam("b_task_id")
+    ended = (
+        sqlalchemy.update(t)
+        .where(t.c.id == task_id, t.c.state == TaskState.running.value)
+        .values(state=sqlalchemy.bindparam("new_state"), ended_at=sqlalchemy.bindparam("at"))
+        .returning(
+            t.c.id,
+            exists()
+            .where(_CHILD.c.parent_id == t.c.id, _CHILD.c.state == TaskState.running.value)
+            .label("has_children"),
+        )
+        .cte("ended")
+    )
+    at: sqlalchemy.BindParameter[datetime] = sqlalchemy.bindparam("at")
+    revoked = (
+        sqlalchemy.update(c)
+        .where(
+            c.c.task_id == task_id,
+            c.c.state.in_(LIVE_CRED_STATES),
+            c.c.task_id.in_(sqlalchemy.select(ended.c.id)),
+        )
+        .values(
+            state=CredState.revoking.value,
+            revoke_reason=sqlalchemy.bindparam("b_reason"),
+            revoke_requested_at=at,
+            sealed_secret=null(),
+            next_attempt_at=sqlalchemy.bindparam("b_redrive"),
+            updated_at=at,
+        )
+        .returning(c.c.id, c.c.tenant, c.c.task_id)
+        .cte("revoked")
+    )
+    sealed = (
+        sqlalchemy.update(ca)
+        .where(ca.c.task_id.in_(sqlalchemy.select(ended.c.id)))
+        .values(sealed_key=null())
+        .cte("sealed")
+    )
+    return (
+        sqlalchemy.select(ended.c.has_children, revoked.c.id, revoked.c.tenant, revoked.c.task_id)
+        .select_from(ended.outerjoin(revoked, sqlalchemy.true()))
+        .add_cte(sealed)
+    )
+
+
+_PG_END = _pg_end_statement()
+_SEAL_CA = (
+    sqlalchemy.update(_TASK_CAS)
+    .where(_TASK_CAS.c.task_id == sqlalchemy.bindparam("ca_task_id"))
+    .values(sealed_key=None)
+)
+
+
+def _audit_row(
+    action: str,
+    *,
+    actor: str,
+    now: datetime,
+    tenant: str | None = None,
+    task_id: str | None = None,
+    credential_id: str | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    """An audit entry as an INSERT's parameters; its id (time-ordered: the export's
+    order) is taken now, so entries keep the order they were decided in."""
+    return {
+        "id": new_id(),
+        "at": now,
+        "tenant": tenant,
+        "actor": actor,
+        "action": action,
+        "task_id": task_id,
+        "credential_id": credential_id,
+        "reason": reason,
+        "detail": detail,
+        "exported_seq": None,
+        "export_hash": None,
+    }
+
+
+def write_audit(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Audit entries in one statement: several as one JSON array on PostgreSQL (an
+    executemany would send one INSERT per row)."""
+    if len(rows) > 1 and session.get_bind().dialect.name == "postgresql":
+        session.execute(_PG_AUDIT, {"audit": _to_json(rows)})
+    elif rows:
+        session.execute(_AUDIT_INSERT, rows)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The rows one event writes, each a dict of every column: written together at the
+    end (write_batch), in one statement on PostgreSQL."""
+
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    creds: list[dict[str, Any]] = field(default_factory=list)
+    cas: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+
+
+# Every row of a batch in one round trip: each table's rows as one JSON array expanded
+# by json_populate_recordset (the table's own row type, so `SELECT *` is its column
+# order). One constant text: prepared once, whatever the row counts. A credential's
+# foreign key sees its task: the checks run at the statement's end.
+_PG_BATCH = sqlalchemy.text(
+    "WITH new_tasks AS (INSERT INTO tasks"
+    " SELECT * FROM json_populate_recordset(NULL::tasks, CAST(:tasks AS json))),"
+    " new_creds AS (INSERT INTO credentials"
+    " SELECT * FROM json_populate_recordset(NULL::credentials, CAST(:creds AS json))),"
+    " new_cas AS (INSERT INTO task_cas"
+    " SELECT * FROM json_populate_recordset(NULL::task_cas, CAST(:cas AS json))),"
+    " new_events AS (INSERT INTO events"
+    " SELECT * FROM json_populate_recordset(NULL::events, CAST(:events AS json)))"
+    " INSERT INTO audit"
+    " SELECT * FROM json_populate_recordset(NULL::audit, CAST(:audit AS json))"
+)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # as UTCDateTime refuses it: no guessing the zone
+            raise ValueError("naive datetime")
+        return value.isoformat()  # with its offset: PostgreSQL reads it as timestamptz
+    raise TypeError(f"{type(value).__name__} is not a column value")
+
+
+_to_json = json.JSONEncoder(default=_json_value).encode
+
+
+_PG_AUDIT = sqlalchemy.text(
+    "INSERT INTO audit SELECT * FROM json_populate_recordset(NULL::audit, CAST(:audit AS json))"
+)
+
+
+def write_batch(session: Session, batch: _Batch) -> None:
+    """A batch's rows: one statement on PostgreSQL; on SQLite (no data-modifying WITH)
+    one INSERT per table, parents first."""
+    tables = (
+        ("tasks", _TASKS, batch.tasks),
+        ("creds", _CREDS, batch.creds),
+        ("cas", _TASK_CAS, batch.cas),
+        ("events", _EVENTS, batch.events),
+        ("audit", _AUDIT, batch.audit),
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_PG_BATCH, {name: _to_json(rows) for name, _, rows in tables})
+        return
+    for _, table, rows in tables:
+        if rows:
+            session.execute(sqlalchemy.insert(table), rows)
+
+
 def audit(
     session: Session,
     action: str,
@@ -137,17 +372,21 @@ def audit(
     detail: str | None = None,
     now: datetime | None = None,
 ) -> None:
-    session.add(
-        AuditEntry(
-            at=now or utcnow(),
-            tenant=tenant,
-            actor=actor,
-            action=action,
-            task_id=task_id,
-            credential_id=credential_id,
-            reason=reason,
-            detail=detail,
-        )
+    # A Core INSERT at once: no AuditEntry object, no unit-of-work flush at commit.
+    write_audit(
+        session,
+        [
+            _audit_row(
+                action,
+                actor=actor,
+                now=now or utcnow(),
+                tenant=tenant,
+                task_id=task_id,
+                credential_id=credential_id,
+                reason=reason,
+                detail=detail,
+            )
+        ],
     )
 
 
@@ -236,6 +475,80 @@ def check_grants(event: EventIn, tenant: str, profiles: dict[str, Profile]) -> N
         )
 
 
+@lru_cache
+def _lookup_statement(with_switches: bool) -> sqlalchemy.Select[Any]:
+    """The duplicate check and the task (locked), in one round trip: always one row,
+    its event columns NULL when the event is new, its task columns NULL when the task
+    is. For a start, also whether any kill switch can match the tenant (the switches
+    are read only then). Built once, bound per call: the compiled form is cached. The
+    lock is taken in a CTE: PostgreSQL refuses FOR UPDATE on the nullable side of a join."""
+    t = _TASKS
+    tenant: sqlalchemy.BindParameter[str] = sqlalchemy.bindparam("tenant")
+    locked = (
+        sqlalchemy.select(*t.c)
+        .where(t.c.tenant == tenant, t.c.name == sqlalchemy.bindparam("name"))
+        .with_for_update(of=t)
+        .cte("locked")
+    )
+    seen = (
+        sqlalchemy.select(
+            _EVENTS.c.type.label("seen_type"),
+            _EVENTS.c.subject.label("seen_subject"),
+            _EVENTS.c.data.label("seen_data"),
+        )
+        .where(
+            _EVENTS.c.tenant == tenant,
+            _EVENTS.c.source == sqlalchemy.bindparam("source"),
+            _EVENTS.c.event_id == sqlalchemy.bindparam("event_id"),
+        )
+        .subquery("seen")
+    )
+    one = sqlalchemy.select(sqlalchemy.literal_column("1").label("one")).subquery("one")
+    columns: list[Any] = [seen.c.seen_type, seen.c.seen_subject, seen.c.seen_data, *locked.c]
+    if with_switches:
+        switched = exists().where(
+            _SWITCHES.c.lifted_at.is_(None),
+            or_(_SWITCHES.c.tenant.is_(None), _SWITCHES.c.tenant == tenant),
+        )
+        columns.append(switched.label("switched"))
+    true = sqlalchemy.true()
+    return sqlalchemy.select(*columns).select_from(
+        one.outerjoin(seen, true).outerjoin(locked, true)
+    )
+
+
+@dataclass(slots=True)
+class _Lookup:
+    seen: tuple[str, str, Any] | None  # (type, subject, data) of the stored event
+    task: TaskRow | None
+    switched: bool  # a kill switch in force may match the tenant (starts only)
+
+
+def _lookup(session: Session, tenant: str, event: EventIn) -> _Lookup:
+    starting = event.type == "task.started"
+    row = (
+        session.execute(
+            _lookup_statement(starting),
+            {
+                "tenant": tenant,
+                "name": event.subject,
+                "source": event.source,
+                "event_id": event.id,
+            },
+        )
+        .mappings()
+        .one()
+    )
+    task = TaskRow(*(row[f] for f in _TASK_FIELDS)) if row["id"] is not None else None
+    return _Lookup(
+        seen=(row["seen_type"], row["seen_subject"], row["seen_data"])
+        if row["seen_type"] is not None
+        else None,
+        task=task,
+        switched=bool(row["switched"]) if starting else True,
+    )
+
+
 def apply_event(
     session: Session,
     *,
@@ -249,24 +562,22 @@ def apply_event(
     """Store one event and apply its transition; raise LedgerError to refuse it.
 
     The profile rules (check_grants) run only for an event not seen before, so a
-    retried event is a duplicate even when a profile it names has changed since."""
+    retried event is a duplicate even when a profile it names has changed since.
+    Core statements throughout (no ORM flush): the lookup, the transition's writes,
+    then the event row and every audit entry of the event in one INSERT each."""
     now = now or utcnow()
     tenant = key.tenant or ""
     refusal = scope.source_refusal(key.sources, event.source)
     if refusal is not None:  # before anything is looked up or stored
         raise LedgerError(403, refusal)
-    seen = session.exec(
-        select(Event).where(
-            Event.tenant == tenant, Event.source == event.source, Event.event_id == event.id
-        )
-    ).first()
-    task = find_task(session, tenant, event.subject, lock=True)
+    found = _lookup(session, tenant, event)
+    task = found.task
     if task is not None and task.owner_key_id != key.id:
         raise LedgerError(403, "this task belongs to another emitter key")
-    if seen is not None:
+    if found.seen is not None:
         # The same event when type, subject and data agree (PRODUCT.md); compared as
         # stored, so rows written before the identity hash changed still match.
-        if (seen.type, seen.subject, seen.data) != (event.type, event.subject, event.data):
+        if found.seen != (event.type, event.subject, event.data):
             raise LedgerError(
                 409, "an event with this source and id but another type, subject or data exists"
             )
@@ -275,64 +586,97 @@ def apply_event(
         return EventResult(task=task, duplicate=True)
     check_grants(event, tenant, profiles)
 
+    batch = _Batch()
+    audits = batch.audit
     result: EventResult
     if event.type == "task.started":
-        result = _start(session, key, event, task, profiles, installation_id, retention_days, now)
+        result = _start(
+            session,
+            key,
+            event,
+            task,
+            profiles,
+            installation_id,
+            retention_days,
+            now,
+            switched=found.switched,
+            batch=batch,
+        )
     elif event.type == "task.heartbeat":
         result = _heartbeat(session, key, event, task, now)
     else:
         state, reason = TERMINAL_EVENTS[event.type]
         if task is None:
-            task = Task(
+            task = TaskRow(
+                id=new_id(),
                 tenant=tenant,
                 name=event.subject,
                 owner_key_id=key.id,
                 source=event.source,
+                workload=None,
+                parent_id=None,
+                depth=0,
                 state=state,
+                max_ttl=None,
+                claim_generation=0,
+                started_at=None,
+                deadline=None,
                 ended_at=now,
                 created_at=now,
             )
-            session.add(task)
-            audit(
-                session,
-                "task_ended",
-                actor=key.name,
-                tenant=tenant,
-                task_id=task.id,
-                reason=reason,
-                detail="terminal event before start",
-                now=now,
+            batch.tasks.append(asdict(task))
+            audits.append(
+                _audit_row(
+                    "task_ended",
+                    actor=key.name,
+                    tenant=tenant,
+                    task_id=task.id,
+                    reason=reason,
+                    detail="terminal event before start",
+                    now=now,
+                )
             )
             result = EventResult(task=task, duplicate=False)
         else:
-            revoke = end_task(session, task, state, reason, actor=key.name, now=now)
+            revoke = end_task(
+                session,
+                task,
+                state,
+                reason,
+                actor=key.name,
+                now=now,
+                audits=audits,
+            )
             result = EventResult(task=task, duplicate=False, to_revoke=revoke)
 
-    session.add(
-        Event(
-            tenant=tenant,
-            source=event.source,
-            event_id=event.id,
-            type=event.type,
-            subject=event.subject,
-            body_hash=event.body_hash,
-            key_id=key.id,
-            time=event.time,
-            received_at=now,
-            data=event.data,
-        )
+    batch.events.append(
+        {
+            "id": new_id(),
+            "tenant": tenant,
+            "source": event.source,
+            "event_id": event.id,
+            "type": event.type,
+            "subject": event.subject,
+            "body_hash": event.body_hash,
+            "key_id": key.id,
+            "time": event.time,
+            "received_at": now,
+            "data": event.data,
+        }
     )
     # Every event received is in the audit trail too, so one listing tells a task's story.
-    audit(
-        session,
-        "event",
-        actor=key.name,
-        tenant=tenant,
-        task_id=result.task.id,
-        reason=event.type.removeprefix("task."),
-        detail=f"{event.source} {event.id}",
-        now=now,
+    audits.append(
+        _audit_row(
+            "event",
+            actor=key.name,
+            tenant=tenant,
+            task_id=result.task.id,
+            reason=event.type.removeprefix("task."),
+            detail=f"{event.source} {event.id}",
+            now=now,
+        )
     )
+    write_batch(session, batch)
     return result
 
 
@@ -340,11 +684,14 @@ def _start(
     session: Session,
     key: ApiKey,
     event: EventIn,
-    task: Task | None,
+    task: TaskRow | None,
     profiles: dict[str, Profile],
     installation_id: str,
     retention_days: int,
     now: datetime,
+    *,
+    switched: bool,
+    batch: _Batch,
 ) -> EventResult:
     data = event.data or {}
     if event.time is not None and event.time < now - timedelta(days=retention_days):
@@ -365,7 +712,8 @@ def _start(
             for c in task_credentials(session, parent.id)
             if c.state in (CredState.pending, CredState.active)
         }
-    task = Task(
+    new = TaskRow(
+        id=new_id(),
         tenant=tenant,
         name=event.subject,
         owner_key_id=key.id,
@@ -375,19 +723,22 @@ def _start(
         depth=parent.depth + 1 if parent else 0,
         state=TaskState.running,
         max_ttl=min(p.max_ttl for p in chosen),
+        claim_generation=0,
         started_at=started,
         deadline=deadline,
+        ended_at=None,
         created_at=now,
     )
-    session.add(task)
-    session.flush()  # the task row first: credentials reference it
-    audit(session, "task_started", actor=key.name, tenant=tenant, task_id=task.id, now=now)
-    result = EventResult(task=task, duplicate=False)
+    batch.tasks.append(asdict(new))
+    batch.audit.append(
+        _audit_row("task_started", actor=key.name, tenant=tenant, task_id=new.id, now=now)
+    )
+    result = EventResult(task=new, duplicate=False)
     grant_list = [(g["name"], p, 0) for g, p in zip(grants, chosen, strict=True)]
     made = issue_grants(
         session,
         key,
-        task,
+        new,
         grant_list,
         parent=parent,
         held=held,
@@ -395,15 +746,17 @@ def _start(
         installation_id=installation_id,
         now=now,
         result=result,
+        switched=switched,
+        batch=batch,
     )
-    _make_task_ca(session, task, [p for p, c in made if c.state != CredState.denied], now=now)
+    _make_task_ca(new, [p for p, state in made if state != CredState.denied], now=now, batch=batch)
     return result
 
 
 def issue_grants(
     session: Session,
     key: ApiKey,
-    task: Task,
+    task: AnyTask,
     grants: list[tuple[str, Profile, int]],
     *,
     parent: Task | None,
@@ -412,10 +765,15 @@ def issue_grants(
     installation_id: str,
     now: datetime,
     result: EventResult,
-) -> list[tuple[Profile, Credential]]:
+    switched: bool = True,
+    batch: _Batch | None = None,
+) -> list[tuple[Profile, str]]:
     """A credential row for each (grant, profile, generation) of a running task, decided
     as a start decides it: the parent's holdings, the key's scope, a kill switch, the
-    policy, then approval. Adds what to mint or ask about to `result`; returns the rows."""
+    policy, then approval. Adds what to mint or ask about to `result`; returns each
+    grant's profile and state. The rows and audit entries go to `batch` when given (the
+    caller writes it), else are written here. `switched` False: the
+    caller knows no switch in force can match the tenant (nothing to read)."""
     tenant = task.tenant
     started = task.started_at or now
     deadline = task.deadline or now
@@ -424,7 +782,7 @@ def issue_grants(
     refusals = [
         scope.grant_refusal(key.workloads, key.profiles, task.workload, p.name) for p in chosen
     ]
-    switches = switches_in_force(session, tenant)
+    switches = switches_in_force(session, tenant) if switched else []
     asked = [p for p, refused in zip(chosen, refusals, strict=True) if refused is None]
     decided = dict(
         zip(
@@ -449,7 +807,9 @@ def issue_grants(
             strict=True,
         )
     )
-    made: list[tuple[Profile, Credential]] = []
+    made: list[tuple[Profile, str]] = []
+    out = _Batch() if batch is None else batch
+    rows, entries = out.creds, out.audit
     for (name, profile, generation), refused in zip(grants, refusals, strict=True):
         state = CredState.pending
         why, code = "", ""
@@ -469,50 +829,61 @@ def issue_grants(
             why = f"mint denied by policy: {decision.reason}"
         elif profile.approval:
             state = CredState.awaiting_approval
-        cred = Credential(
-            tenant=tenant,
-            task_id=task.id,
-            grant=name,
-            generation=generation,
-            profile=profile.name,
-            issuer=profile.issuer,
-            state=state,
-            backend_name="",
-            expires_at=min(deadline, started + timedelta(seconds=profile.max_ttl)),
-            created_at=now,
-            updated_at=now,
-            next_attempt_at=now + MINT_REDRIVE if state == CredState.pending else None,
+        cred_id = new_id()
+        rows.append(
+            {
+                **_CRED_DEFAULTS,
+                "id": cred_id,
+                "tenant": tenant,
+                "task_id": task.id,
+                "grant": name,
+                "generation": generation,
+                "profile": profile.name,
+                "issuer": profile.issuer,
+                "state": state,
+                "backend_name": mark(installation_id, cred_id),
+                "expires_at": min(deadline, started + timedelta(seconds=profile.max_ttl)),
+                "created_at": now,
+                "updated_at": now,
+                "next_attempt_at": now + MINT_REDRIVE if state == CredState.pending else None,
+            }
         )
-        cred.backend_name = mark(installation_id, cred.id)
-        session.add(cred)
-        made.append((profile, cred))
+        made.append((profile, state))
         if state == CredState.pending:
-            result.to_mint.append(cred.id)
+            result.to_mint.append(cred_id)
         elif state == CredState.awaiting_approval and profile.approval_webhook:
-            result.to_ask.append(cred.id)
+            result.to_ask.append(cred_id)
         if state == CredState.denied:
-            audit_credential(
-                session,
-                cred,
-                "denied",
-                actor=key.name,
-                reason=code,
-                detail=clip(why, LONG_TEXT),
-                now=now,
+            entries.append(
+                _audit_row(
+                    "denied",
+                    actor=key.name,
+                    tenant=tenant,
+                    task_id=task.id,
+                    credential_id=cred_id,
+                    reason=code,
+                    detail=clip(why, LONG_TEXT),
+                    now=now,
+                )
             )
         elif decision is not None and decision.policies:  # a set in force: its permit too
-            audit_credential(
-                session,
-                cred,
-                "policy_allowed",
-                actor=key.name,
-                detail=clip(f"mint {decision.reason}", LONG_TEXT),
-                now=now,
+            entries.append(
+                _audit_row(
+                    "policy_allowed",
+                    actor=key.name,
+                    tenant=tenant,
+                    task_id=task.id,
+                    credential_id=cred_id,
+                    detail=clip(f"mint {decision.reason}", LONG_TEXT),
+                    now=now,
+                )
             )
+    if batch is None:
+        write_batch(session, out)
     return made
 
 
-def _make_task_ca(session: Session, task: Task, profiles: list[Profile], *, now: datetime) -> None:
+def _make_task_ca(task: AnyTask, profiles: list[Profile], *, now: datetime, batch: _Batch) -> None:
     """The forward-mode CA of a task with proxy grants: for their upstream hosts only,
     valid until the task can no longer live (its profiles' smallest max_ttl)."""
     hosts = sorted({upstream_host(p.upstream) for p in profiles if isinstance(p, ProxyProfile)})
@@ -520,15 +891,15 @@ def _make_task_ca(session: Session, task: Task, profiles: list[Profile], *, now:
         return
     not_after = task.started_at + timedelta(seconds=task.max_ttl)
     issued = make_ca(hosts, label=task.id, not_after=not_after)
-    session.add(
-        TaskCA(
-            task_id=task.id,
-            cert_pem=issued.cert_pem,
-            sealed_key=sealing.seal({"key": issued.key_pem}),
-            hosts=json.dumps(hosts),
-            not_after=not_after,
-            created_at=now,
-        )
+    batch.cas.append(
+        {
+            "task_id": task.id,
+            "cert_pem": issued.cert_pem,
+            "sealed_key": sealing.seal({"key": issued.key_pem}),
+            "hosts": json.dumps(hosts),
+            "not_after": not_after,
+            "created_at": now,
+        }
     )
 
 
@@ -567,7 +938,7 @@ def _parent_for(session: Session, key: ApiKey, parent_name: str | None) -> Task 
 
 
 def _heartbeat(
-    session: Session, key: ApiKey, event: EventIn, task: Task | None, now: datetime
+    session: Session, key: ApiKey, event: EventIn, task: AnyTask | None, now: datetime
 ) -> EventResult:
     if task is None:
         raise LedgerError(404, f"no task {event.subject!r}")
@@ -618,7 +989,7 @@ def _heartbeat(
 
 
 def _authorize_extend(
-    session: Session, key: ApiKey, task: Task, max_duration: int, now: datetime
+    session: Session, key: ApiKey, task: AnyTask, max_duration: int, now: datetime
 ) -> None:
     """Ask the policy for every live profile of the task; one deny refuses (403)."""
     live = session.execute(
@@ -671,42 +1042,97 @@ def _authorize_extend(
 
 def end_task(
     session: Session,
-    task: Task,
+    task: AnyTask,
     state: TaskState,
     reason: str,
     *,
     actor: str,
     now: datetime,
+    audits: list[dict[str, Any]] | None = None,
 ) -> list[str]:
-    """Running -> ended (CAS); its credentials and its children's go to revoking."""
-    ended = session.exec(
-        update(Task)
-        .where(col(Task.id) == task.id, col(Task.state) == TaskState.running)
-        .values(state=state, ended_at=now)
-    ).rowcount
-    if not ended:
-        return []
-    task.state, task.ended_at = state, now
-    # Its forward-mode CA can sign nothing more: the key is destroyed with the task's end.
-    session.execute(update(TaskCA).where(col(TaskCA.task_id) == task.id).values(sealed_key=None))
-    audit(
-        session,
-        "task_ended",
-        actor=actor,
-        tenant=task.tenant,
-        task_id=task.id,
-        reason=reason,
-        now=now,
-    )
-    revoke = request_revoke(session, task_id=task.id, reason=reason, actor=actor, now=now)
-    children = session.exec(
-        select(Task).where(Task.parent_id == task.id, Task.state == TaskState.running)
-    ).all()
-    for child in children:
-        revoke += end_task(
-            session, child, TaskState.cancelled, "parent_ended", actor=actor, now=now
+    """Running -> ended (CAS); its credentials and its children's go to revoking.
+
+    The audit entries go to `audits` when given (the caller writes them), else in one
+    INSERT here."""
+    entries: list[dict[str, Any]] = [] if audits is None else audits
+    if session.get_bind().dialect.name == "postgresql":
+        # The task, its CA and its credentials in one round trip (_PG_END).
+        rows = session.execute(
+            _PG_END,
+            {
+                "b_task_id": task.id,
+                "new_state": state,
+                "at": now,
+                "b_reason": reason,
+                "b_redrive": now + REVOKE_REDRIVE,
+            },
+        ).all()
+        if not rows:
+            return []
+        has_children = bool(rows[0].has_children)
+        revoked = [(r.id, r.tenant, r.task_id) for r in rows if r.id is not None]
+    else:
+        # Whether a running child exists is read by this statement, after the task's row
+        # lock is held: a child's start locks its parent, so none can appear meanwhile.
+        ended = session.execute(
+            _END_TASK, {"task_id": task.id, "new_state": state, "at": now}
+        ).first()
+        if ended is None:
+            return []
+        has_children = bool(ended.has_children)
+        # Its forward-mode CA can sign nothing more: the key is destroyed with the end.
+        session.execute(_SEAL_CA, {"ca_task_id": task.id})
+        revoked = []
+    if isinstance(task, Task):  # an ORM row: the database holds this already
+        set_committed_value(task, "state", state)
+        set_committed_value(task, "ended_at", now)
+    else:
+        task.state, task.ended_at = state, now
+    entries.append(
+        _audit_row(
+            "task_ended", actor=actor, tenant=task.tenant, task_id=task.id, reason=reason, now=now
         )
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        entries.extend(_revoke_entries(revoked, reason=reason, actor=actor, now=now))
+        revoke = [r[0] for r in revoked]
+    else:
+        revoke = request_revoke(
+            session, task_id=task.id, reason=reason, actor=actor, now=now, audits=entries
+        )
+    if has_children:
+        children = session.exec(
+            select(Task).where(Task.parent_id == task.id, Task.state == TaskState.running)
+        ).all()
+        for child in children:
+            revoke += end_task(
+                session,
+                child,
+                TaskState.cancelled,
+                "parent_ended",
+                actor=actor,
+                now=now,
+                audits=entries,
+            )
+    if audits is None:
+        write_audit(session, entries)
     return revoke
+
+
+def _revoke_entries(rows: Any, *, reason: str, actor: str, now: datetime) -> list[dict[str, Any]]:
+    """The `revoke_requested` entries of (credential id, tenant, task id) rows."""
+    return [
+        _audit_row(
+            "revoke_requested",
+            actor=actor,
+            tenant=tenant,
+            task_id=task_pk,
+            credential_id=cred_id,
+            reason=reason,
+            now=now,
+        )
+        for cred_id, tenant, task_pk in rows
+    ]
 
 
 def request_revoke(
@@ -717,17 +1143,20 @@ def request_revoke(
     now: datetime,
     task_id: str | None = None,
     credential_id: str | None = None,
+    audits: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Live credentials (of a task, or one) -> revoking; returns their ids.
 
     The unclaimed secret is destroyed here: nobody may claim it any more, however long
     the revoke itself takes. The row is due again (`next_attempt_at`) in case the
-    revoke's message is lost."""
-    query = update(Credential).where(col(Credential.state).in_(LIVE_CRED_STATES))
+    revoke's message is lost. The audit entries go to `audits` when given (the caller
+    writes them), else in one INSERT here."""
+    c = _CREDS.c
+    query = sqlalchemy.update(_CREDS).where(c.state.in_(LIVE_CRED_STATES))
     if task_id is not None:
-        query = query.where(col(Credential.task_id) == task_id)
+        query = query.where(c.task_id == task_id)
     if credential_id is not None:
-        query = query.where(col(Credential.id) == credential_id)
+        query = query.where(c.id == credential_id)
     rows = session.execute(
         query.values(
             state=CredState.revoking,
@@ -736,19 +1165,13 @@ def request_revoke(
             sealed_secret=None,
             next_attempt_at=now + REVOKE_REDRIVE,
             updated_at=now,
-        ).returning(col(Credential.id), col(Credential.tenant), col(Credential.task_id))
+        ).returning(c.id, c.tenant, c.task_id)
     ).all()
-    for cred_id, tenant, task_pk in rows:
-        audit(
-            session,
-            "revoke_requested",
-            actor=actor,
-            tenant=tenant,
-            task_id=task_pk,
-            credential_id=cred_id,
-            reason=reason,
-            now=now,
-        )
+    entries = _revoke_entries(rows, reason=reason, actor=actor, now=now)
+    if audits is None:
+        write_audit(session, entries)
+    else:
+        audits.extend(entries)
     return [r[0] for r in rows]
 
 
@@ -765,7 +1188,7 @@ def switches_in_force(session: Session, tenant: str | None = None) -> list[KillS
     return list(session.exec(query.order_by(col(KillSwitch.id))))
 
 
-def switch_matches(switch: KillSwitch, task: Task, profile: str) -> bool:
+def switch_matches(switch: KillSwitch, task: AnyTask, profile: str) -> bool:
     wanted = (switch.tenant, switch.profile, switch.workload, switch.source)
     have = (task.tenant, profile, task.workload, task.source)
     return all(w is None or w == h for w, h in zip(wanted, have, strict=True))
@@ -1062,7 +1485,7 @@ def cancel_task(session: Session, task: Task, *, actor: str, now: datetime) -> l
 MAX_DECISION_REASON = 500
 
 
-def refuse_unapproved_extension(session: Session, task: Task) -> None:
+def refuse_unapproved_extension(session: Session, task: AnyTask) -> None:
     """A task with a grant that waits for, or holds, an approval keeps the deadline the
     operator saw: moving it needs a new approval (a new task), so refuse with 403."""
     gated = session.exec(

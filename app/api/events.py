@@ -29,12 +29,11 @@ from app.api.schemas import (
     StartedData,
     errors,
     event_body,
-    task_view,
 )
 from app.core import sealing
 from app.core.db import get_engine
 from app.core.logs import log
-from app.core.models import ApiKey, Task
+from app.core.models import ApiKey
 from app.core.settings import get_settings
 from app.ledger import EventIn, EventResult, installation_id
 from app.observability import observe
@@ -259,13 +258,13 @@ def _apply_and_enqueue(key: ApiKey, event: EventIn) -> tuple[EventResult, dict[s
 
 
 def _answer(session: Session, key: ApiKey, event: EventIn, result: EventResult) -> dict[str, Any]:
-    task: Task = result.task
-    parent = session.get(Task, task.parent_id) if task.parent_id else None
-    view = task_view(task, parent.name if parent else None)
+    # The three task fields the answer shows, from the task in hand: nothing re-read
+    # (task_view's parent name is not among them).
+    task = result.task
     answer: dict[str, Any] = {
         "accepted": True,
         "duplicate": result.duplicate,
-        "task": {"id": view["id"], "state": view["state"], "deadline": view["deadline"]},
+        "task": {"id": task.name, "state": task.state, "deadline": task.deadline},
         "claim_token": None,
     }
     if event.type == "task.started":

@@ -1,0 +1,280 @@
+"""The event path's writes (app/ledger.py apply_event): every column of every row it
+stores, the audit entries in the order they were decided, its round trips on
+PostgreSQL, and the same rows on SQLite (the embedded ledger of `leasehold up`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event as sa_event
+from sqlmodel import col, select
+
+from app import ledger
+from app.core.db import get_engine, session_scope
+from app.core.models import AuditEntry, Credential, CredState, Event, Task, TaskCA, utcnow
+from app.issuers.base import mark
+from tests.support.isolated import Driver, session_profiles
+
+pytestmark = pytest.mark.usefixtures("services")
+
+PROXY_PROFILE = """
+[profiles.upstream-api]
+issuer = "proxy"
+upstream = "https://api.example.com"
+secret = "kv/data/upstream#token"
+inject = "Authorization: Bearer {secret}"
+max_ttl = 600
+"""
+
+
+def _rows(subject: str, tenant: str) -> tuple[Task, list[Credential], list[AuditEntry]]:
+    with session_scope() as s:
+        task = s.exec(select(Task).where(Task.tenant == tenant, Task.name == subject)).one()
+        creds = list(
+            s.exec(
+                select(Credential)
+                .where(Credential.task_id == task.id)
+                .order_by(col(Credential.grant))
+            )
+        )
+        entries = list(
+            s.exec(
+                select(AuditEntry).where(AuditEntry.task_id == task.id).order_by(col(AuditEntry.id))
+            )
+        )
+        return task, creds, entries
+
+
+def _check_lifecycle(driver: Driver, *, grants: dict[str, str], proxy: str | None) -> None:
+    """Start, repeat, end: the rows as the ORM models define them, nothing left NULL
+    that a model fills, the audit trail in the order of the decisions."""
+    subject = f"rows-{os.urandom(4).hex()}"
+    started = driver.apply(
+        "task.started",
+        subject,
+        {"max_duration": 300, "grants": [{"name": n, "profile": p} for n, p in grants.items()]},
+        event_id=f"start-{subject}",
+    )
+    task, creds, entries = _rows(subject, driver.tenant)
+    assert (task.id, task.state, task.claim_generation, task.depth) == (
+        started.task.id,
+        "running",
+        0,
+        0,
+    )
+    assert task.owner_key_id == driver.key.id and task.ended_at is None
+    assert task.started_at is not None and task.deadline == task.started_at + timedelta(seconds=300)
+    assert sorted(started.to_mint) == sorted(c.id for c in creds)
+    inst = ledger.installation_id()
+    for cred in creds:
+        assert cred.state == CredState.pending and cred.attempts == 0 and cred.generation == 0
+        assert cred.backend_name == mark(inst, cred.id)
+        assert cred.created_at == cred.updated_at == task.created_at
+        assert cred.next_attempt_at == cred.created_at + ledger.MINT_REDRIVE
+        assert cred.expires_at is not None and cred.expires_at <= task.deadline
+        assert cred.sealed_secret is None and cred.minted_at is None
+    assert [e.action for e in entries] == ["task_started", "event"]
+    assert entries[1].detail == f"pytest://reconcile start-{subject}"
+    with session_scope() as s:
+        ca = s.get(TaskCA, task.id)
+        stored = s.exec(select(Event).where(Event.event_id == f"start-{subject}")).one()
+    assert stored.data == {
+        "max_duration": 300,
+        "grants": [{"name": n, "profile": p} for n, p in grants.items()],
+    }
+    assert stored.key_id == driver.key.id and stored.time is not None
+    if proxy is None:
+        assert ca is None
+    else:
+        assert ca is not None and ca.sealed_key is not None and ca.hosts == '["api.example.com"]'
+
+    ended = driver.apply("task.succeeded", subject, event_id=f"end-{subject}")
+    assert sorted(ended.to_revoke) == sorted(c.id for c in creds)
+    task, creds, entries = _rows(subject, driver.tenant)
+    assert task.state == "succeeded" and task.ended_at is not None
+    for cred in creds:
+        assert cred.state == CredState.revoking and cred.revoke_reason == "succeeded"
+        assert cred.next_attempt_at == task.ended_at + ledger.REVOKE_REDRIVE
+    assert [e.action for e in entries] == [
+        "task_started",
+        "event",
+        "task_ended",
+        *["revoke_requested"] * len(creds),
+        "event",
+    ]
+    if proxy is not None:
+        with session_scope() as s:
+            ca = s.get(TaskCA, task.id)
+            assert ca is not None and ca.sealed_key is None  # the CA's key dies with the task
+
+    # A retry is a duplicate, a second end moves nothing; an end before a start makes
+    # its task.
+    retried = driver.apply("task.succeeded", subject, event_id=f"end-{subject}")
+    assert retried.duplicate and retried.task.state == "succeeded"
+    again = driver.apply("task.failed", subject)
+    assert not again.duplicate and again.to_revoke == [] and again.task.state == "succeeded"
+    assert len(_rows(subject, driver.tenant)[2]) == len(entries) + 1  # its event entry only
+    early = driver.apply("task.failed", f"early-{subject}")
+    assert early.task.state == "failed" and early.task.ended_at is not None
+
+
+def test_event_rows_hold_every_column() -> None:
+    _check_lifecycle(
+        Driver(tenant=f"rows-{os.urandom(3).hex()}"),
+        grants={"db": "reports-readonly", "cache": "task-cache"},
+        proxy=None,
+    )
+
+
+@pytest.fixture
+def count_statements() -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def counted(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    engine = get_engine()
+    sa_event.listen(engine, "before_cursor_execute", counted)
+    try:
+        yield seen
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", counted)
+
+
+def test_event_round_trips_on_postgresql(count_statements: list[str]) -> None:
+    """A start is the lookup and one write (plus the kill switches when one may match);
+    an end the lookup, the task's end with its credentials, one write; a duplicate
+    only the lookup."""
+    driver = Driver(tenant=f"trips-{os.urandom(3).hex()}")
+    with session_scope() as s:
+        switches = len(ledger.switches_in_force(s, driver.tenant)) > 0
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    count_statements.clear()
+    driver.apply("task.started", "trips", data, event_id="trips-start")
+    assert len(count_statements) == 2 + switches, count_statements
+    count_statements.clear()
+    driver.apply("task.started", "trips", data, event_id="trips-start")
+    assert len(count_statements) == 1, count_statements
+    count_statements.clear()
+    driver.apply("task.succeeded", "trips")
+    assert len(count_statements) == 3, count_statements
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path: Path) -> Iterator[None]:
+    """This process pointed at an embedded (SQLite) ledger of its own."""
+    from app.core.migrate import upgrade
+    from app.core.settings import get_settings
+
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(session_profiles() + PROXY_PROFILE)
+    names = ("LEASEHOLD_DATABASE_URL", "LEASEHOLD_PROFILES_FILE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["LEASEHOLD_DATABASE_URL"] = f"sqlite:///{tmp_path / 'ledger.db'}"
+    os.environ["LEASEHOLD_PROFILES_FILE"] = str(profiles)
+    get_settings.cache_clear()
+    try:
+        upgrade()
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("sqlite_ledger")
+def test_event_rows_on_sqlite() -> None:
+    driver = Driver(tenant="embedded")
+    _check_lifecycle(
+        driver,
+        grants={"api": "upstream-api", "db": "reports-readonly"},
+        proxy="upstream-api",
+    )
+    # A child ends with its parent (the end's statement reports that a child runs).
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    driver.apply("task.started", "parent", data)
+    driver.apply("task.started", "child", {**data, "parent": "parent"})
+    ended = driver.apply("task.succeeded", "parent")
+    assert len(ended.to_revoke) == 2
+    with session_scope() as s:
+        child = s.exec(select(Task).where(Task.tenant == "embedded", Task.name == "child")).one()
+    assert child.state == "cancelled"
+
+
+def test_cancel_writes_its_entries_in_one_statement(count_statements: list[str]) -> None:
+    """An operator's cancel (an ORM task, outside the event path): the end in one
+    statement, its entries (the end, each revoke) in one more, every column set."""
+    driver = Driver(tenant=f"cancel-{os.urandom(3).hex()}")
+    grants = [{"name": "db", "profile": "reports-readonly"}, {"name": "c", "profile": "task-cache"}]
+    driver.apply("task.started", "cancelled", {"max_duration": 60, "grants": grants})
+    with session_scope() as s:
+        task = s.exec(
+            select(Task).where(Task.tenant == driver.tenant, Task.name == "cancelled")
+        ).one()
+        count_statements.clear()
+        revoke = ledger.cancel_task(s, task, actor="operator", now=utcnow())
+        assert len(count_statements) == 2, count_statements
+        assert task.state == "cancelled" and not s.dirty  # nothing left for a flush
+    assert len(revoke) == 2
+    _, creds, entries = _rows("cancelled", driver.tenant)
+    assert {c.state for c in creds} == {CredState.revoking}
+    tail = entries[-3:]
+    assert [e.action for e in tail] == ["task_ended", "revoke_requested", "revoke_requested"]
+    assert {e.credential_id for e in tail[1:]} == set(revoke)
+    assert all(
+        (e.actor, e.reason, e.tenant, e.exported_seq)
+        == ("operator", "cancelled", driver.tenant, None)
+        for e in tail
+    )
+
+
+def test_concurrent_events_are_one_task() -> None:
+    """Requests racing with one event, or with several starts of one task: the losers'
+    INSERT fails on a unique key, `_apply` retries, and they answer as a duplicate or a
+    repeat start. One task, one credential per grant, one row per event."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.api.events import _apply
+    from app.ledger import EventIn
+
+    driver = Driver(tenant=f"race-{os.urandom(3).hex()}")
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+
+    def start(subject: str, event_id: str) -> tuple[Any, dict[str, Any]]:
+        return _apply(
+            driver.key,
+            EventIn(
+                source="pytest://race",
+                id=event_id,
+                type="task.started",
+                subject=subject,
+                time=utcnow(),
+                data=data,
+                body_hash="race",
+            ),
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        same = list(pool.map(lambda _: start("same-event", "one-id"), range(8)))
+        starts = list(pool.map(lambda i: start("same-task", f"id-{i}"), range(8)))
+    assert sorted(r.duplicate for r, _ in same) == [False] + [True] * 7
+    assert len({a["claim_token"] for _, a in same}) == 1  # the first answer again
+    assert not any(r.duplicate for r, _ in starts)
+    assert sum(len(r.to_mint) for r, _ in starts) == 1  # the repeats mint nothing
+    for subject, events in (("same-event", 1), ("same-task", 8)):
+        _, creds, entries = _rows(subject, driver.tenant)
+        assert len(creds) == 1
+        assert [e.action for e in entries].count("event") == events
+        with session_scope() as s:
+            stored = s.exec(
+                select(Event).where(Event.tenant == driver.tenant, Event.subject == subject)
+            ).all()
+        assert len(stored) == events
