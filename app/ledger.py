@@ -1604,31 +1604,46 @@ def begin_mint(session: Session, cred_id: str, *, token: str, now: datetime) -> 
     activation's compare-and-set settles that race), so that "young pending" means "in
     flight" to the reconciliation, and the re-drive waits for the lease to run out."""
     until = now + MINT_LEASE
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(MintLease).values(credential_id=cred_id, token=token, until=until)
-    taken = session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[MintLease.credential_id],
-            set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
-            where=(col(MintLease.until) <= now) | (col(MintLease.token) == token),
-        ).returning(col(MintLease.token))
-    ).first()
-    if taken is None:
+    take, touch = _begin_mint_statements(session.get_bind().dialect.name)
+    params = {"p_id": cred_id, "p_token": token, "p_until": until, "p_now": now}
+    if session.execute(take, params).first() is None:
         return False
+    session.execute(touch, params)
+    return True
+
+
+@lru_cache
+def _begin_mint_statements(dialect: str) -> tuple[Any, Any]:
+    """begin_mint's two statements, built once per dialect with bound parameters (built
+    per call, their cache keys were a fifth of a mint's CPU). Core, on the tables."""
+    lease = MintLease.__table__  # type: ignore[attr-defined]
+    table = Credential.__table__  # type: ignore[attr-defined]
+    param = sqlalchemy.bindparam
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(lease).values(
+        credential_id=param("p_id"), token=param("p_token"), until=param("p_until")
+    )
+    take = stmt.on_conflict_do_update(
+        index_elements=[lease.c.credential_id],
+        set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
+        where=(lease.c.until <= param("p_now", type_=UTCDateTime()))
+        | (lease.c.token == param("p_token")),
+    ).returning(lease.c.token)
     unlocked = (
-        select(Credential.id)
-        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.pending)
+        sqlalchemy.select(table.c.id)
+        .where(table.c.id == param("p_id"), table.c.state == CredState.pending.value)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    session.execute(
-        update(Credential)
-        .where(col(Credential.id) == unlocked)
-        .values(updated_at=now, next_attempt_at=until)
-        .execution_options(synchronize_session=False)
+    touch = (
+        update(table)
+        .where(table.c.id == unlocked)
+        .values(
+            updated_at=param("p_now", type_=UTCDateTime()),
+            next_attempt_at=param("p_until", type_=UTCDateTime()),
+        )
     )
-    return True
+    return take, touch
 
 
 def _lease_held(cred_id: str, token: str) -> Any:
