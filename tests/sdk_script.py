@@ -1,6 +1,7 @@
 """Runs in a virtualenv that holds only leasehold-client (and psycopg to log in):
 one task block, ended as argv[1] says. Prints the credential's username, never
-its password."""
+its password. After "inside ..." it waits for a line on stdin before it leaves the
+block, so the test can look at the credential while the block still holds it."""
 
 from __future__ import annotations
 
@@ -25,10 +26,16 @@ def use(secret: dict[str, Any]) -> None:
     print(f"inside {secret['username']} {row[0] if row else None}", flush=True)
 
 
+def hold() -> None:
+    """Until the test has seen the credential live (a line on stdin)."""
+    sys.stdin.readline()
+
+
 def run_sync() -> None:
     lh = Client(source="pytest://client-only")
     with lh.task(task, grants=GRANTS, max_duration=120, heartbeat_every=0.3) as t:
         use(t.credential("db"))
+        hold()
         if mode == "raise":
             raise RuntimeError("the block failed")
         if mode == "sigint":
@@ -43,6 +50,7 @@ async def run_async() -> None:
     async def block() -> None:
         async with lh.task(task, grants=GRANTS, max_duration=120) as t:
             use(await t.credential("db"))
+            await asyncio.to_thread(hold)
             inside.set()
             if mode == "async-cancel":
                 await asyncio.sleep(60)

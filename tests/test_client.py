@@ -104,6 +104,7 @@ def test_task_block_credential_lives_as_long_as_the_block(
         [str(client_python), str(ROOT / "tests" / "sdk_script.py"), mode, task],
         env=env,
         cwd=HOME,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -112,7 +113,12 @@ def test_task_block_credential_lives_as_long_as_the_block(
         inside = read_until(proc, "inside ")[-1].split()
         username = inside[1]
         assert inside[2] == "q3"  # the credential logged in and read, inside the block
+        # The script holds the block open until told: the role is live inside it (a
+        # revoke after the block's end may otherwise win the race to this check).
         assert role_exists(username)
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         if mode == "sigint":
             read_until(proc, "waiting")
 

@@ -408,6 +408,8 @@ class ForwardConnection:
         if picked is None:
             raise Refused(403, "host", "no grant of this task is for this host", host=wanted[1])
         ex.credential_id = picked.id
+        if not picked.live():  # the host's grant ended before the token's news arrived
+            raise Refused(403, "not_active", picked.why_not)
         if request.method == b"CONNECT":
             return Tunnel(siblings.token_credential, picked.id, picked.task_id, wanted[1])
         parts = urlsplit(target.decode("latin-1"))
@@ -429,18 +431,24 @@ class ForwardConnection:
         return gate
 
     async def _grant(self, siblings: Siblings, wanted: tuple[str, str, int]) -> Gate | None:
+        """The task's live grant for `wanted`; else one for it that is no longer live (the
+        caller refuses it as not_active, not as a host it never had); None: no grant."""
         try:
             profiles = get_profiles()
         except ProfileError:
             return None
+        ended: Gate | None = None
         for credential_id in siblings.credentials:
             gate: Gate | None = await self.proxy.gates.get(credential_id)
-            if gate is None or not gate.live():
+            if gate is None:
                 continue
             profile = profiles.get(gate.profile)
-            if isinstance(profile, ProxyProfile) and upstream_of(profile) == wanted:
+            if not (isinstance(profile, ProxyProfile) and upstream_of(profile) == wanted):
+                continue
+            if gate.live():
                 return gate
-        return None
+            ended = ended or gate
+        return ended
 
     async def _answer_connect(self, tunnel: Tunnel, send: Any) -> None:
         """A leaf for the host first (no CA, or its key gone: 403), then the 200."""
