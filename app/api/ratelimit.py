@@ -73,13 +73,17 @@ class RateLimiter:
                 script = self._script(redis_url)
                 return float(script(keys=[bucket_key(key_id)], args=[rate, burst]))
             except redis.RedisError as exc:
-                self._redis_down_until = time.monotonic() + RETRY_REDIS_AFTER
-                logger.warning(
-                    "event rate limit: Redis unreachable (%s); limiting per process for %ss",
-                    type(exc).__name__,
-                    RETRY_REDIS_AFTER,
-                )
+                self._fail_open(exc)
         return self._local_wait(key_id, rate, burst)
+
+    def _fail_open(self, exc: Exception) -> None:
+        """Redis out of reach: this process limits on its own for a while, and says so."""
+        self._redis_down_until = time.monotonic() + RETRY_REDIS_AFTER
+        logger.warning(
+            "event rate limit: Redis unreachable (%s); limiting per process for %ss",
+            type(exc).__name__,
+            RETRY_REDIS_AFTER,
+        )
 
     async def wait_async(self, key_id: str, rate: float, redis_url: str) -> float:
         """wait() for the event loop: the same bucket, Redis answers or fails open alike."""
@@ -89,12 +93,7 @@ class RateLimiter:
                 script = self._async_script(redis_url)
                 return float(await script(keys=[bucket_key(key_id)], args=[rate, burst]))
             except (redis.RedisError, OSError) as exc:
-                self._redis_down_until = time.monotonic() + RETRY_REDIS_AFTER
-                logger.warning(
-                    "event rate limit: Redis unreachable (%s); limiting per process for %ss",
-                    type(exc).__name__,
-                    RETRY_REDIS_AFTER,
-                )
+                self._fail_open(exc)
         return self._local_wait(key_id, rate, burst)
 
     def _async_script(self, url: str) -> AsyncScript:
