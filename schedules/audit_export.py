@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -32,6 +33,7 @@ from schedules.lock import ledger_lock
 from workers.job import job
 
 BATCH = 500
+RUN_BUDGET = 1.0  # seconds of writing per scheduled run (batches are whole)
 # What record() reads of an entry.
 _FIELDS = ("id", "at", "tenant", "actor", "action", "credential_id", "reason", "detail")
 _TAIL_BLOCK = 64 * 1024
@@ -183,16 +185,18 @@ def _write(path: Path | None, data: bytes) -> None:
         os.close(fd)
 
 
-def export() -> ExportResult:
-    """Write every entry not yet exported; returns what it did."""
+def export(budget: float | None = None) -> ExportResult:
+    """Write every entry not yet exported; returns what it did. With a `budget`
+    (seconds), stop after the batch that passes it: the rest waits for the next run."""
     with ledger_lock("audit-export") as got:
         if not got:
             return ExportResult(ran=False)
-        return _export_locked(get_settings().audit_export_path)
+        return _export_locked(get_settings().audit_export_path, budget)
 
 
-def _export_locked(path: Path | None) -> ExportResult:
+def _export_locked(path: Path | None, budget: float | None = None) -> ExportResult:
     result = ExportResult(ran=True)
+    until = None if budget is None else time.monotonic() + budget
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
@@ -221,7 +225,7 @@ def _export_locked(path: Path | None) -> ExportResult:
             _write(path, b"".join(lines))
             ledger.mark_exported(session, marks)
         result.written += len(rows)
-        if len(rows) < BATCH:
+        if len(rows) < BATCH or (until is not None and time.monotonic() >= until):
             break
     result.seq = seq  # the head as the last batch left it: no read of its own
     return result
@@ -236,7 +240,9 @@ def export_task() -> int:
         if not ledger.audit_export_waiting(session):
             return 0
     try:
-        return export().written
+        # Bounded: a backlog (a long outage, a burst) is worked off over several runs, so
+        # one run never holds a worker process, or its warm shutdown, for long.
+        return export(budget=RUN_BUDGET).written
     except ExportError as exc:
         log.error("audit export stopped", extra={"error": str(exc)})
         raise
