@@ -1937,44 +1937,25 @@ def mark_revoked_many(
             {"ids": [row.id for row in rows]},
         ).scalars()
     )
-    moved = []
-    for row in rows:
-        if row.id in done:
-            row.state = CredState.revoked
-            row.revoked_at = now
-            moved.append(row)
-            audit(
-                session,
+    moved = [row for row in rows if row.id in done]
+    for row in moved:
+        row.state, row.revoked_at = CredState.revoked, now
+    write_audit(  # the batch's entries in one INSERT, as the statement above moved them
+        session,
+        [
+            _audit_row(
                 "revoked",
                 actor="system",
+                now=now,
                 tenant=row.tenant,
                 task_id=row.task_id,
                 credential_id=row.id,
                 reason=row.revoke_reason,
-                now=now,
             )
+            for row in moved
+        ],
+    )
     return moved
-
-
-def mark_revoked(session: Session, cred_id: str, *, now: datetime) -> Credential | None:
-    """Revoking -> revoked, the secret destroyed; None if it was not revoking."""
-    cred: Credential | None = session.execute(
-        update(Credential)
-        .where(col(Credential.id) == cred_id, col(Credential.state) == CredState.revoking)
-        .values(
-            state=CredState.revoked,
-            revoked_at=now,
-            sealed_secret=None,
-            last_error=None,
-            next_attempt_at=None,
-            updated_at=now,
-        )
-        .returning(Credential)
-    ).scalar_one_or_none()
-    if cred is None:
-        return None
-    audit_credential(session, cred, "revoked", actor="system", reason=cred.revoke_reason, now=now)
-    return cred
 
 
 def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:
