@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 
@@ -40,3 +43,43 @@ def event(kind: str, subject: str, data: dict | None = None) -> dict:
     if data is not None:
         body["data"] = data
     return body
+
+
+def _comm(pid: int | str) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds used so far: the whole machine (busy time of every core), and
+    PostgreSQL and Redis by their processes (Linux /proc). PostgreSQL's exited
+    backends count through the postmaster's reaped-children time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    out = {"machine": busy / tick, "postgres": 0.0, "redis": 0.0}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or _comm(proc.name) not in ("postgres", "redis-server"):
+                continue
+            f = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            name = _comm(proc.name)
+            used = int(f[11]) + int(f[12])
+            if name == "postgres" and _comm(f[1]) != "postgres":  # the postmaster
+                used += int(f[13]) + int(f[14])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out["postgres" if name == "postgres" else "redis"] += used / tick
+    return out
+
+
+def cpu_since(before: dict[str, float], wall0: float, n: int) -> str:
+    """A phase's CPU per item and how busy the machine was, from a machine_cpu()
+    snapshot and time.perf_counter() taken when the phase began."""
+    after, wall = machine_cpu(), time.perf_counter() - wall0
+    used = {k: after[k] - before[k] for k in after}
+    busy = used["machine"] / (wall * (os.cpu_count() or 1)) * 100
+    return (
+        f"machine CPU {used['machine'] / n * 1000:.1f} ms per cycle, {busy:.0f} % of "
+        f"{os.cpu_count()} cores busy (PostgreSQL {used['postgres'] / n * 1000:.1f} ms, "
+        f"Redis {used['redis'] / n * 1000:.1f} ms)"
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -32,12 +33,12 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from common import PG, event, free_port, pct, sql
+from common import PG, cpu_since, event, free_port, machine_cpu, pct, sql
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def floor(db: str, n: int) -> float:
+def floor(db: str, n: int) -> tuple[float, str]:
     """Direct role create+drop, two at a time over two pooled connections."""
     from scramp import ScramMechanism
 
@@ -64,18 +65,19 @@ def floor(db: str, n: int) -> float:
                 )
                 c.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]
 
-    start = time.perf_counter()
+    cpu0, start = machine_cpu(), time.perf_counter()
     threads = [threading.Thread(target=run, args=(n // 2,)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    cpu = cpu_since(cpu0, start, n // 2 * 2)
     sql(db, f'DROP ROLE "{group}"')
-    return (n // 2 * 2) / elapsed
+    return (n // 2 * 2) / elapsed, cpu
 
 
-def openbao_rate(db: str, n: int, clients: int = 4) -> float:
+def openbao_rate(db: str, n: int, clients: int = 4) -> tuple[float, str]:
     """OpenBao's database engine on the same PostgreSQL: read a dynamic role's
     credentials, then revoke the lease (OpenBao drops the role), `clients` at a time."""
     from app.local.openbao_dev import start_dev_server
@@ -119,10 +121,11 @@ def openbao_rate(db: str, n: int, clients: int = 4) -> float:
                     ).raise_for_status()
 
         run(4)  # warm
-        start = time.perf_counter()
+        cpu0, start = machine_cpu(), time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(run, [n // clients] * clients))
-        return (n // clients * clients) / (time.perf_counter() - start)
+        rate = (n // clients * clients) / (time.perf_counter() - start)
+        return rate, cpu_since(cpu0, start, n // clients * clients)
     finally:
         server.stop()
         with psycopg.connect(f"{PG}/{db}", autocommit=True) as c:
@@ -253,10 +256,12 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         time.sleep(2)  # the worker's pools warm up
-        direct = floor(data, args.floor)
+        direct, cpu = floor(data, args.floor)
         print(f"floor: direct create+drop role, 2 at a time: {direct:.0f} /s")
-        bao = openbao_rate(data, args.openbao) if args.openbao else float("nan")
+        print(f"  {cpu}")
+        bao, cpu = openbao_rate(data, args.openbao) if args.openbao else (float("nan"), "")
         print(f"openbao: database engine read creds + revoke lease, 4 clients: {bao:.0f} /s")
+        print(f"  {cpu}")
 
         client = httpx.Client(
             base_url=url,
@@ -299,7 +304,14 @@ def main() -> None:
         lifecycles([f"warm-{run}-{i}" for i in range(2 * args.clients)])
         time.sleep(1)
         api0, worker0, sql0 = usage(procs[0].pid), usage(procs[1].pid), sql_totals(counts)
+        own0, cpu0, wall0 = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            machine_cpu(),
+            time.perf_counter(),
+        )
         rate = lifecycles(names)
+        cpu = cpu_since(cpu0, wall0, args.tasks)
+        own1 = resource.getrusage(resource.RUSAGE_SELF)
         time.sleep(0.5)
         api1, worker1, sql1 = usage(procs[0].pid), usage(procs[1].pid), sql_totals(counts)
         print(
@@ -314,6 +326,8 @@ def main() -> None:
             f"{(sql1[0] - sql0[0]) / n:.1f}, commits {(sql1[1] - sql0[1]) / n:.1f} "
             "(API + worker, sweeps included)"
         )
+        own = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
+        print(f"  {cpu}; this benchmark's clients {own / n * 1000:.1f} ms")
         with psycopg.connect(f"{PG}/{ledger}") as c:
             rows = c.execute(
                 "SELECT extract(epoch FROM c.minted_at - c.created_at), extract(epoch FROM "

@@ -170,6 +170,37 @@ def test_a_claim_is_one_read_and_one_write_with_its_audit_entry(
     app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
 
 
+def test_a_claim_that_only_reads_ends_with_commit_not_rollback(
+    app_client: Any, keys: dict[str, str]
+) -> None:
+    """psycopg forgets every prepared statement of a connection on ROLLBACK, so an
+    attempt that reads and answers (here 410, the task has ended) must not end with one:
+    the API's statements would be planned again on every claim."""
+    name, token, _ = start(app_client, keys["emitter"])
+    ended = app_client.post(
+        "/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"])
+    )
+    assert ended.status_code == 202
+    ends: list[str] = []
+    engine = get_engine()
+
+    def rolled_back(_conn: Any) -> None:
+        ends.append("rollback")
+
+    def committed(_conn: Any) -> None:
+        ends.append("commit")
+
+    sa_event.listen(engine, "rollback", rolled_back)
+    sa_event.listen(engine, "commit", committed)
+    try:
+        answer = app_client.post(claim_url(name, "c"), headers=auth(token))
+    finally:
+        sa_event.remove(engine, "rollback", rolled_back)
+        sa_event.remove(engine, "commit", committed)
+    assert answer.status_code == 410 and answer.json()["error"] == "the task has ended"
+    assert ends == ["commit"], ends
+
+
 def test_a_waiting_claim_sees_a_change_that_came_before_it_watched() -> None:
     waiters = notify.Waiters()
 

@@ -230,84 +230,95 @@ def _try_claim(
 ) -> tuple[int, dict[str, Any], str | None]:
     """One attempt: (status, body, credential id). 409 means 'not yet'."""
     with Session(get_engine(), expire_on_commit=False) as session:
-        conn = session.connection()
-        row = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
-        if row is None or row.task_tenant != claimant.tenant or row.task_name != task_name:
-            return 403, {"error": "this claim token is not valid for this task"}, None
-        if claimant.subject is not None and row.workload != claimant.subject:
-            return 403, {"error": JWT_REFUSED}, None
-        if claimant.subject is None and claimant.generation != row.claim_generation:
-            # A rotation made a new token: whoever holds an older one gets nothing.
-            return 403, {"error": "this claim token was replaced by a rotation"}, None
-        if row.id is None:
-            return 404, {"error": f"task has no grant {grant!r}"}, None
-        if row.claimed_at is not None:
-            # Whatever became of the task or the credential since: someone else holds
-            # the token and came second. Said, even after the end.
-            return (*_second_claim(session, _facts(row), claimant), row.id)
-        if row.task_state != TaskState.running:
-            return 410, {"error": "the task has ended", "state": row.task_state}, row.id
-        if row.state in WAITING:
-            return 409, {"error": "not minted yet", "state": row.state}, row.id
-        if row.state != CredState.active:
-            return 410, {"error": f"credential is {row.state}", "state": row.state}, row.id
-        profile = get_profiles().get(row.profile)
-        if profile is not None and profile.claim == "jwt":
-            if claimant.subject is None:
-                return (
-                    403,
-                    {"error": f"profile {row.profile!r} accepts only a JWT claim"},
-                    row.id,
-                )
-            # The emitter named the workload at start; the JWT has proven it: ask again.
-            task = session.get(Task, claimant.task_pk)
-            cred = session.get(Credential, row.id)
-            assert task is not None and cred is not None  # read above, never deleted live
-            refusal = _authorize_at_claim(session, task, cred, claimant.subject)
-            if refusal is not None:
-                return 403, {"error": refusal}, row.id
-            conn = session.connection()
-        if row.sealed_secret is None:
-            return 410, {"error": "credential holds no secret", "state": row.state}, row.id
-        # Decrypt first, consume after, one transaction: a secret that cannot be
-        # decrypted is never destroyed (the claim answers 500 and can be tried again).
-        try:
-            secret = sealing.unseal(row.sealed_secret)
-        except ValueError:
-            log.error(
-                "claim: the sealed secret cannot be decrypted with the configured keys",
-                extra={"credential": row.id, "task": row.task_id, "profile": row.profile},
-            )
-            return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}, row.id
-        if not ledger.take_secret(
-            conn,
-            credential_id=row.id,
-            sealed_secret=row.sealed_secret,
-            actor=claimant.actor,
-            now=utcnow(),
-            detail=claimant.detail,
-        ):
-            session.rollback()
-            conn = session.connection()
-            again = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
-            if again is not None and again.id == row.id and again.claimed_at is not None:
-                return (*_second_claim(session, _facts(again), claimant), row.id)
-            # Lost a race with a revoke (or the task's end): no interception.
-            state = again.state if again is not None and again.id == row.id else row.state
-            return 410, {"error": f"credential is {state}", "state": state}, row.id
+        outcome = _attempt_claim(session, claimant, task_name, grant)
+        # A read-only attempt (409, 403, ...) ends with COMMIT too: the ROLLBACK a
+        # closed session sends makes psycopg drop all the connection's prepared
+        # statements, so every statement would be planned again.
         session.commit()
-        observe.claimed(_facts(row))
-        return (
-            200,
-            {
-                "grant": row.grant,
-                "profile": row.profile,
-                "issuer": row.issuer,
-                "expires_at": row.expires_at,
-                "secret": secret,
-            },
-            row.id,
+        return outcome
+
+
+def _attempt_claim(
+    session: Session, claimant: Claimant, task_name: str, grant: str
+) -> tuple[int, dict[str, Any], str | None]:
+    conn = session.connection()
+    row = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+    if row is None or row.task_tenant != claimant.tenant or row.task_name != task_name:
+        return 403, {"error": "this claim token is not valid for this task"}, None
+    if claimant.subject is not None and row.workload != claimant.subject:
+        return 403, {"error": JWT_REFUSED}, None
+    if claimant.subject is None and claimant.generation != row.claim_generation:
+        # A rotation made a new token: whoever holds an older one gets nothing.
+        return 403, {"error": "this claim token was replaced by a rotation"}, None
+    if row.id is None:
+        return 404, {"error": f"task has no grant {grant!r}"}, None
+    if row.claimed_at is not None:
+        # Whatever became of the task or the credential since: someone else holds
+        # the token and came second. Said, even after the end.
+        return (*_second_claim(session, _facts(row), claimant), row.id)
+    if row.task_state != TaskState.running:
+        return 410, {"error": "the task has ended", "state": row.task_state}, row.id
+    if row.state in WAITING:
+        return 409, {"error": "not minted yet", "state": row.state}, row.id
+    if row.state != CredState.active:
+        return 410, {"error": f"credential is {row.state}", "state": row.state}, row.id
+    profile = get_profiles().get(row.profile)
+    if profile is not None and profile.claim == "jwt":
+        if claimant.subject is None:
+            return (
+                403,
+                {"error": f"profile {row.profile!r} accepts only a JWT claim"},
+                row.id,
+            )
+        # The emitter named the workload at start; the JWT has proven it: ask again.
+        task = session.get(Task, claimant.task_pk)
+        cred = session.get(Credential, row.id)
+        assert task is not None and cred is not None  # read above, never deleted live
+        refusal = _authorize_at_claim(session, task, cred, claimant.subject)
+        if refusal is not None:
+            return 403, {"error": refusal}, row.id
+        conn = session.connection()
+    if row.sealed_secret is None:
+        return 410, {"error": "credential holds no secret", "state": row.state}, row.id
+    # Decrypt first, consume after, one transaction: a secret that cannot be
+    # decrypted is never destroyed (the claim answers 500 and can be tried again).
+    try:
+        secret = sealing.unseal(row.sealed_secret)
+    except ValueError:
+        log.error(
+            "claim: the sealed secret cannot be decrypted with the configured keys",
+            extra={"credential": row.id, "task": row.task_id, "profile": row.profile},
         )
+        return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}, row.id
+    if not ledger.take_secret(
+        conn,
+        credential_id=row.id,
+        sealed_secret=row.sealed_secret,
+        actor=claimant.actor,
+        now=utcnow(),
+        detail=claimant.detail,
+    ):
+        session.rollback()
+        conn = session.connection()
+        again = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+        if again is not None and again.id == row.id and again.claimed_at is not None:
+            return (*_second_claim(session, _facts(again), claimant), row.id)
+        # Lost a race with a revoke (or the task's end): no interception.
+        state = again.state if again is not None and again.id == row.id else row.state
+        return 410, {"error": f"credential is {state}", "state": state}, row.id
+    session.commit()
+    observe.claimed(_facts(row))
+    return (
+        200,
+        {
+            "grant": row.grant,
+            "profile": row.profile,
+            "issuer": row.issuer,
+            "expires_at": row.expires_at,
+            "secret": secret,
+        },
+        row.id,
+    )
 
 
 def _second_claim(
