@@ -278,3 +278,56 @@ def test_concurrent_events_are_one_task() -> None:
                 select(Event).where(Event.tenant == driver.tenant, Event.subject == subject)
             ).all()
         assert len(stored) == events
+
+
+def _activate_once(driver: Driver, count: list[str] | None) -> tuple[str, int]:
+    """A started task's pending credential through begin_mint and activate; returns
+    its id and the statements the activation took (when counted)."""
+    subject = f"act-{os.urandom(4).hex()}"
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    started = driver.apply("task.started", subject, data)
+    [cred_id] = started.to_mint
+    now = utcnow()
+    with session_scope() as s:
+        assert ledger.begin_mint(s, cred_id, token="tok", now=now)
+    args: dict[str, Any] = {"token": "tok", "ref": "the-ref", "sealed_secret": "sealed", "now": now}
+    # What the worker passes (read with the mint's inputs): what a kill switch matches.
+    subject = (driver.tenant, "reports-readonly", None, "pytest://reconcile")
+    with session_scope() as s:
+        if count is not None:
+            count.clear()
+        assert ledger.activate(
+            s, cred_id, expires_at=now + timedelta(minutes=1), subject=subject, **args
+        )
+        taken = len(count) if count is not None else 0
+    with session_scope() as s:
+        # Its lease is gone with it: a second activation (a stale delivery) finds no
+        # pending row, changes nothing and records nothing.
+        assert s.get(ledger.MintLease, cred_id) is None
+        assert not ledger.activate(s, cred_id, expires_at=now + timedelta(minutes=2), **args)
+        cred = s.get(Credential, cred_id)
+        assert cred is not None and cred.state == CredState.active
+        assert cred.backend_ref == "the-ref" and cred.sealed_secret == "sealed"
+        assert cred.minted_at == now and cred.expires_at == now + timedelta(minutes=1)
+        minted = list(
+            s.exec(
+                select(AuditEntry).where(
+                    AuditEntry.credential_id == cred_id, AuditEntry.action == "minted"
+                )
+            )
+        )
+    assert [(e.actor, e.tenant, e.task_id, e.reason, e.detail, e.at) for e in minted] == [
+        ("system", driver.tenant, cred.task_id, None, None, now)
+    ]
+    return cred_id, taken
+
+
+def test_activation_is_one_statement_on_postgresql(count_statements: list[str]) -> None:
+    """The compare-and-set, its `minted` entry and the lease's release: one round trip."""
+    _, taken = _activate_once(Driver(tenant=f"act-{os.urandom(3).hex()}"), count_statements)
+    assert taken == 1
+
+
+@pytest.mark.usefixtures("sqlite_ledger")
+def test_activation_on_sqlite() -> None:
+    _activate_once(Driver(tenant="embedded"), None)

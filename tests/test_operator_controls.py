@@ -22,7 +22,7 @@ from sqlmodel import col, func, select
 from app import ledger
 from app.api.auth import create_key
 from app.core.db import session_scope
-from app.core.models import AuditEntry, Credential, CredState, Role, Task, utcnow
+from app.core.models import AuditEntry, Credential, CredState, MintLease, Role, Task, utcnow
 from tests.support.api import auth, claim_url, event, started, states, task_path, unique
 from tests.support.procs import start_api, stop_process, wait_until
 from tests.support.world import DATA_DB, HOME, ROOT, RUN
@@ -239,6 +239,15 @@ def test_activation_after_a_switch_is_revoked_in_the_same_compare_and_set(
             ).where(Credential.id == cred.id)
         ).one()
         assert tuple(row) == (CredState.revoking, "kill_switch", None, "the-ref")
+        entries = session.exec(
+            select(AuditEntry.actor, AuditEntry.reason, AuditEntry.detail).where(
+                AuditEntry.credential_id == cred.id, AuditEntry.action == "revoke_requested"
+            )
+        ).all()
+        assert [tuple(e) for e in entries] == [
+            ("system", "kill_switch", "minted after a kill switch")
+        ]
+        assert session.get(MintLease, cred.id) is None  # released with the activation
         # Another installation's switch on another workload would not have matched.
         ledger.lift_switch(session, switch.id, actor="pytest", now=now)
 
