@@ -331,3 +331,55 @@ def test_activation_is_one_statement_on_postgresql(count_statements: list[str]) 
 @pytest.mark.usefixtures("sqlite_ledger")
 def test_activation_on_sqlite() -> None:
     _activate_once(Driver(tenant="embedded"), None)
+
+
+def _begin_mints(driver: Driver, count: list[str] | None) -> None:
+    """begin_mint_with_inputs: the inputs, the lease for one delivery at a time (its
+    retries keep it), the row touched; nothing taken for a credential not pending."""
+    subject = f"begin-{os.urandom(4).hex()}"
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    [cred_id] = driver.apply("task.started", subject, data).to_mint
+    now = utcnow()
+    with session_scope() as s:
+        if count is not None:
+            count.clear()
+        got = ledger.begin_mint_with_inputs(s, cred_id, token="A", now=now)
+        if count is not None:
+            assert len(count) == 1, count
+    assert got is not None
+    cred, task, ca, leased = got
+    assert (cred.id, cred.state, task.name, ca, leased) == (cred_id, "pending", subject, None, True)
+    with session_scope() as s:
+        lease = s.get(ledger.MintLease, cred_id)
+        assert lease is not None and lease.token == "A"
+        assert lease.until == now + ledger.MINT_LEASE
+        touched = s.get(Credential, cred_id)
+        assert touched is not None and touched.updated_at == now
+        assert touched.next_attempt_at == now + ledger.MINT_LEASE
+    with session_scope() as s:  # another delivery while A holds a fresh lease: busy
+        got = ledger.begin_mint_with_inputs(s, cred_id, token="B", now=now)
+        assert got is not None and got[3] is False
+    with session_scope() as s:  # A's retry keeps its lease
+        got = ledger.begin_mint_with_inputs(s, cred_id, token="A", now=now)
+        assert got is not None and got[3] is True
+        lease = s.get(ledger.MintLease, cred_id)
+        assert lease is not None and lease.token == "A"
+    with session_scope() as s:  # not pending any more: read, no lease taken
+        args = {"token": "A", "ref": "r", "sealed_secret": "s", "now": now}
+        assert ledger.activate(s, cred_id, expires_at=now + timedelta(minutes=1), **args)
+    with session_scope() as s:
+        got = ledger.begin_mint_with_inputs(s, cred_id, token="C", now=now)
+        assert got is not None and got[0].state == "active" and got[3] is False
+        assert s.get(ledger.MintLease, cred_id) is None
+        assert ledger.begin_mint_with_inputs(s, "no-such-credential", token="C", now=now) is None
+
+
+def test_begin_mint_with_inputs_is_one_statement_on_postgresql(
+    count_statements: list[str],
+) -> None:
+    _begin_mints(Driver(tenant=f"begin-{os.urandom(3).hex()}"), count_statements)
+
+
+@pytest.mark.usefixtures("sqlite_ledger")
+def test_begin_mint_with_inputs_on_sqlite() -> None:
+    _begin_mints(Driver(tenant="embedded"), None)

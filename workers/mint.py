@@ -29,11 +29,12 @@ def mint(credential_id: str, token: str | None = None) -> str:
     Celery task id, which its retries keep); None: a delivery of its own."""
     token = token or uuid.uuid4().hex
     with session_scope() as session:
-        inputs = ledger.mint_inputs(session, credential_id)  # one round trip
+        # The inputs and, for a pending credential, the lease: one round trip.
+        inputs = ledger.begin_mint_with_inputs(session, credential_id, token=token, now=utcnow())
         if inputs is None or inputs[0].state != CredState.pending:
             return "skipped"
-        cred, task, task_ca = inputs
-        if not ledger.begin_mint(session, credential_id, token=token, now=utcnow()):
+        cred, task, task_ca, leased = inputs
+        if not leased:
             log.info("mint already in flight; this delivery does nothing", extra=_fields(cred))
             return "busy"
         assert cred.expires_at is not None
