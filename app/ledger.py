@@ -2034,49 +2034,98 @@ def mark_revoked_many(
     session: Session, rows: list[Credential], *, now: datetime
 ) -> list[Credential]:
     """Revoking -> revoked for rows this step holds (take_revokes), the secrets
-    destroyed, in one statement and one batch of audit entries; returns those moved
-    (with revoked_at set)."""
+    destroyed, with their audit entries; returns those moved (with revoked_at set).
+    One statement on PostgreSQL (the UPDATE feeds the audit INSERT); two on SQLite."""
     if not rows:
         return []
-    table = Credential.__table__  # type: ignore[attr-defined]
-    done = set(
-        session.execute(
-            update(table)
-            .where(
-                table.c.id.in_(sqlalchemy.bindparam("ids", expanding=True)),
-                table.c.state == CredState.revoking.value,
-            )
-            .values(
-                state=CredState.revoked.value,
-                revoked_at=now,
-                sealed_secret=None,
-                last_error=None,
-                next_attempt_at=None,
-                updated_at=now,
-            )
-            .returning(table.c.id),
-            {"ids": [row.id for row in rows]},
-        ).scalars()
-    )
+    ids = [row.id for row in rows]
+    if session.get_bind().dialect.name == "postgresql":
+        # Each entry's id taken now, in the batch's order (the export's order).
+        params = {"ids": ids, "audit_ids": [new_id() for _ in rows], "now": now}
+        done = set(session.execute(_REVOKED_AND_AUDIT, params).scalars())
+    else:
+        done = set(session.execute(_MARK_REVOKED, {"ids": ids, "now": now}).scalars())
     moved = [row for row in rows if row.id in done]
     for row in moved:
         row.state, row.revoked_at = CredState.revoked, now
-    write_audit(  # the batch's entries in one INSERT, as the statement above moved them
-        session,
-        [
-            _audit_row(
-                "revoked",
-                actor="system",
-                now=now,
-                tenant=row.tenant,
-                task_id=row.task_id,
-                credential_id=row.id,
-                reason=row.revoke_reason,
-            )
-            for row in moved
-        ],
-    )
+    if session.get_bind().dialect.name != "postgresql":
+        write_audit(
+            session,
+            [
+                _audit_row(
+                    "revoked",
+                    actor="system",
+                    now=now,
+                    tenant=row.tenant,
+                    task_id=row.task_id,
+                    credential_id=row.id,
+                    reason=row.revoke_reason,
+                )
+                for row in moved
+            ],
+        )
     return moved
+
+
+def _mark_revoked_statement(ids: Any) -> Any:
+    table = Credential.__table__  # type: ignore[attr-defined]
+    now = sqlalchemy.bindparam("now", type_=UTCDateTime())
+    return (
+        update(table)
+        .where(ids, table.c.state == CredState.revoking.value)
+        .values(
+            state=CredState.revoked.value,
+            revoked_at=now,
+            sealed_secret=None,
+            last_error=None,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+        .returning(table.c.id, table.c.tenant, table.c.task_id, table.c.revoke_reason)
+    )
+
+
+_credential_id = Credential.__table__.c.id  # type: ignore[attr-defined]
+_MARK_REVOKED = _mark_revoked_statement(
+    _credential_id.in_(sqlalchemy.bindparam("ids", expanding=True))
+)
+
+
+def _revoked_and_audit_statement() -> Any:
+    """PostgreSQL: the rows moved to revoked feed their `revoked` entries, each with the
+    id taken for it (arrays: one constant text whatever the batch's size)."""
+    entries = AuditEntry.__table__  # type: ignore[attr-defined]
+    text_array = postgresql.ARRAY(sqlalchemy.String)
+    ids = sqlalchemy.bindparam("ids", type_=text_array)
+    done = _mark_revoked_statement(_credential_id == sqlalchemy.func.any(ids)).cte("done")
+    pairs = sqlalchemy.func.unnest(ids, sqlalchemy.bindparam("audit_ids", type_=text_array))
+    given = pairs.table_valued("cred", "audit_id").render_derived(name="given")
+    return (
+        sqlalchemy.insert(entries)
+        .from_select(
+            _REVOKED_AUDIT_COLUMNS,
+            sqlalchemy.select(
+                given.c.audit_id,
+                sqlalchemy.bindparam("now", type_=UTCDateTime()),
+                done.c.tenant,
+                literal("system", entries.c.actor.type),
+                literal("revoked", entries.c.action.type),
+                done.c.task_id,
+                done.c.id,
+                done.c.revoke_reason,
+            )
+            .select_from(done.join(given, given.c.cred == done.c.id))
+            .order_by(given.c.audit_id),
+        )
+        .add_cte(done, nest_here=True)
+        .returning(entries.c.credential_id)
+    )
+
+
+_REVOKED_AUDIT_COLUMNS = (
+    *("id", "at", "tenant", "actor", "action", "task_id", "credential_id", "reason"),
+)
+_REVOKED_AND_AUDIT = _revoked_and_audit_statement()
 
 
 def extend_failed(session: Session, cred_id: str, error: str, *, now: datetime) -> bool:

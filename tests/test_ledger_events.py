@@ -383,3 +383,57 @@ def test_begin_mint_with_inputs_is_one_statement_on_postgresql(
 @pytest.mark.usefixtures("sqlite_ledger")
 def test_begin_mint_with_inputs_on_sqlite() -> None:
     _begin_mints(Driver(tenant="embedded"), None)
+
+
+def _revoke_batch(driver: Driver, count: list[str] | None) -> None:
+    """mark_revoked_many: the batch's rows to revoked, the secrets gone, one `revoked`
+    entry each (with the row's reason, in the batch's order); a second time nothing."""
+    subject = f"gone-{os.urandom(4).hex()}"
+    grants = [{"name": f"g{i}", "profile": "reports-readonly"} for i in range(3)]
+    driver.apply("task.started", subject, {"max_duration": 60, "grants": grants})
+    ended = driver.apply("task.succeeded", subject).to_revoke
+    now = utcnow()
+    with session_scope() as s:
+        state, rows = ledger.take_revokes(s, ended[0], now=now, limit=10)
+        assert state == "revoking" and {r.id for r in rows} >= set(ended)
+        rows = [r for r in rows if r.id in ended]
+        if count is not None:
+            count.clear()
+        moved = ledger.mark_revoked_many(s, rows, now=now)
+        if count is not None:
+            assert len(count) == 1, count
+    assert [r.id for r in moved] == [r.id for r in rows]
+    assert all(r.state == "revoked" and r.revoked_at == now for r in moved)
+    with session_scope() as s:
+        for cred_id in ended:
+            cred = s.get(Credential, cred_id)
+            assert cred is not None and cred.state == "revoked" and cred.sealed_secret is None
+            assert cred.revoked_at == now and cred.next_attempt_at is None
+        entries = list(
+            s.exec(
+                select(AuditEntry)
+                .where(col(AuditEntry.credential_id).in_(ended), AuditEntry.action == "revoked")
+                .order_by(col(AuditEntry.id))
+            )
+        )
+        assert [e.credential_id for e in entries] == [r.id for r in rows]
+        reasons = {(e.actor, e.tenant, e.reason, e.at) for e in entries}
+        assert reasons == {("system", driver.tenant, rows[0].revoke_reason, now)}
+        assert rows[0].revoke_reason  # the end's reason, carried into the entry
+        assert ledger.mark_revoked_many(s, rows, now=now) == []  # already revoked
+    with session_scope() as s:
+        again = s.exec(
+            select(AuditEntry).where(
+                col(AuditEntry.credential_id).in_(ended), AuditEntry.action == "revoked"
+            )
+        ).all()
+        assert len(again) == len(ended)
+
+
+def test_a_revoke_batch_is_one_statement_on_postgresql(count_statements: list[str]) -> None:
+    _revoke_batch(Driver(tenant=f"gone-{os.urandom(3).hex()}"), count_statements)
+
+
+@pytest.mark.usefixtures("sqlite_ledger")
+def test_a_revoke_batch_on_sqlite() -> None:
+    _revoke_batch(Driver(tenant="embedded"), None)
