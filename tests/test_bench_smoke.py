@@ -83,8 +83,36 @@ def test_lifecycle_bench_prints_every_figure() -> None:
         rf"time to revoke in a burst of 3 ends: p50 {number} ms, p99 {number} ms",
         rf"memory over a soak of 4 lifecycles .* API {number} -> {number} MiB .* "
         rf"worker .* {number} -> {number} MiB",
+        rf"this benchmark's clients {number} ms",
     ):
         assert re.search(pattern, out.stdout), f"{pattern!r} not in:\n{out.stdout}"
+    # The machine's CPU per cycle, for each of the three jobs (floor, OpenBao, lifecycle).
+    machine = (
+        rf"machine CPU {number} ms per cycle, {number} % of [0-9]+ cores busy "
+        rf"\(PostgreSQL {number} ms, Redis {number} ms\)"
+    )
+    assert len(re.findall(machine, out.stdout)) == 3, out.stdout
     # Statements were counted on the driver: a lifecycle cannot take none.
     statements = re.search(rf"statements ({number})", out.stdout)
     assert statements is not None and float(statements.group(1)) > 0
+
+
+def test_stack_floor_prints_each_figure() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/stack_floor.py", "--requests", "20", "--messages", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    number = r"[0-9]+(\.[0-9]+)?"
+    for pattern in (
+        rf"http: .* server {number} ms, client \(httpx\) {number} ms CPU",
+        rf"celery: .* publish {number} ms, worker {number} ms CPU",
+        rf"three requests and two messages: {number} ms of CPU .* at most {number} such",
+    ):
+        assert re.search(pattern, out.stdout), f"{pattern!r} not in:\n{out.stdout}"
+    # The worker did the work: a message cannot have cost it nothing.
+    worker = re.search(rf"worker ({number}) ms CPU", out.stdout)
+    assert worker is not None and float(worker.group(1)) > 0
