@@ -121,7 +121,11 @@ def _error_reporting(**_: object) -> None:
 
 def _enqueue(name: str, ids: list[str]) -> None:
     for cred_id in ids:
-        celery_app.send_task(name, args=[cred_id], queue=QUEUES[name])
+        # The reprs given: Celery's own (saferepr) cost an eighth of a publish.
+        args = [cred_id]
+        celery_app.send_task(
+            name, args=args, queue=QUEUES[name], argsrepr=repr(args), kwargsrepr="{}"
+        )
 
 
 def enqueue_mint(ids: list[str]) -> None:
