@@ -35,8 +35,10 @@ def test_every_enqueued_and_scheduled_name_is_a_registered_job(
 ) -> None:
     sent: list[tuple[str, str]] = []
 
-    def send_task(name: str, args: list[str], queue: str) -> None:  # the broker's edge
+    def send_task(name: str, args: list[str], queue: str, **shown: str) -> None:  # the edge
         assert args == ["c1"]
+        # The reprs a message's headers carry: the id again, nothing more.
+        assert shown == {"argsrepr": "['c1']", "kwargsrepr": "{}"}
         sent.append((name, queue))
 
     monkeypatch.setattr(queue.celery_app, "send_task", send_task)
