@@ -159,6 +159,22 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> N
     raise SystemExit(f"{what} did not answer within 60 s")
 
 
+def wait_revoked(ledger: str, task: str) -> None:
+    """Until every credential of `task` is revoked (bounded by TIMEOUT)."""
+    end = time.monotonic() + TIMEOUT
+    with psycopg.connect(f"{PG}/{ledger}", autocommit=True) as conn:
+        while time.monotonic() < end:
+            row = conn.execute(
+                "SELECT count(*) FROM credentials c JOIN tasks t ON t.id = c.task_id "
+                "WHERE t.name = %s AND c.state <> 'revoked'",
+                (task,),
+            ).fetchone()
+            if row == (0,):
+                return
+            time.sleep(0.05)
+    raise SystemExit(f"the credentials of {task} were not revoked within {TIMEOUT:.0f} s")
+
+
 PROFILES = """
 [profiles.bench-http]
 issuer = "proxy"
@@ -373,6 +389,10 @@ def main() -> None:
                 headers={"Authorization": f"Bearer {key}"},
                 json=event("task.succeeded", task),
             )
+        # The worker idle before it is stopped: a SIGTERM in the instant a revoke is
+        # handed to its pool process left that process waiting (about 30 s) for the
+        # parent to take its result, and the stop below ran into its 15 s kill.
+        wait_revoked(ledger, task)
     finally:
         for p in procs:
             p.terminate()

@@ -28,7 +28,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.numeric import Oid
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from app.core.settings import Settings
 from app.issuers.base import (
@@ -180,12 +180,24 @@ class PostgresIssuer(Issuer):
                 names.append(name)
         if not names:
             return failed
+        unreachable = False
         try:
             with self._errors("revoke"):
-                self._drop_many(names)
+                try:
+                    self._drop_many(names)
+                except psycopg.Error as exc:
+                    unreachable = _no_connection(exc)
+                    raise
             return failed
-        except IssuerError:
-            pass  # one of them (or the connection): each on its own, with its own error
+        except IssuerError as exc:
+            if unreachable:
+                # The batch never reached the backend: each role on its own would wait
+                # for a connection again (the pool's timeout), one after another, while
+                # the step holds its ledger rows. All fail with this error; the backoff
+                # and the re-drive bring them back.
+                failed.update(dict.fromkeys(names, exc))
+                return failed
+            # One of them (e.g. it owns an object): each on its own, with its own error.
         for name in names:
             try:
                 with self._errors("revoke"):
@@ -500,6 +512,15 @@ def _describe(exc: BaseException) -> str:
     text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
     text = text or type(exc).__name__
     return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
+
+
+def _no_connection(exc: psycopg.Error) -> bool:
+    """No connection to the backend (none to be had from the pool in time, or the one
+    in hand lost): a client-side error without a SQLSTATE, nothing the server said
+    about a statement or a role."""
+    return isinstance(exc, PoolTimeout) or (
+        isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and exc.sqlstate is None
+    )
 
 
 def _concurrent_update(exc: BaseException) -> bool:
