@@ -508,3 +508,76 @@ def test_bad_grant_is_permanent(database: str, installation_id: str) -> None:
         assert not issuer.exists(req.name)
     finally:
         issuer.close()
+
+
+def test_an_unreachable_backend_fails_a_revoke_batch_at_once(installation_id: str) -> None:
+    """No connection to be had (the pool's timeout): every role of the batch fails with
+    that error, temporary, without each waiting for a connection again."""
+    profile = PostgresProfile(
+        name="down",
+        issuer="postgres",
+        dsn="postgresql://admin:hunter2-hidden@127.0.0.1:1/x",
+        grants=("GRANT CONNECT ON DATABASE x TO {role}",),
+        max_ttl=60,
+    )
+    issuer = PostgresIssuer(
+        profile, installation_id=installation_id, settings=Settings(backend_timeout=0.3)
+    )
+    names = [issuer.prefix + secrets.token_hex(6) for _ in range(3)]
+    tried: list[str] = []
+    real_drop = issuer._drop
+
+    def drop(name: str) -> None:
+        tried.append(name)
+        real_drop(name)
+
+    issuer._drop = drop  # type: ignore[method-assign]
+    failed = issuer.revoke_many(names)
+    issuer.close()
+    assert set(failed) == set(names)
+    assert all(isinstance(e, TemporaryIssuerError) for e in failed.values())
+    assert "hunter2-hidden" not in " ".join(str(e) for e in failed.values())
+    assert tried == []  # the batch's failure said it all
+
+
+def test_a_broken_connection_sends_a_revoke_batch_role_by_role(issuer: PostgresIssuer) -> None:
+    """A connection that broke (no SQLSTATE: the server restarted, the network dropped)
+    is no unreachable backend: each role goes on its own, on a fresh connection."""
+    refs = [issuer.mint(request(issuer)).ref for _ in range(3)]
+    real_many = issuer._drop_many
+
+    def broken(names: list[str]) -> None:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    issuer._drop_many = broken  # type: ignore[method-assign]
+    try:
+        assert issuer.revoke_many(refs) == {}
+    finally:
+        issuer._drop_many = real_many  # type: ignore[method-assign]
+    assert not any(issuer.exists(ref) for ref in refs)
+
+
+def test_a_pool_timeout_role_by_role_fails_the_rest_at_once(issuer: PostgresIssuer) -> None:
+    from psycopg_pool import PoolTimeout
+
+    refs = [issuer.mint(request(issuer)).ref for _ in range(3)]
+    tried: list[str] = []
+
+    def broken(names: list[str]) -> None:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def timing_out(name: str) -> None:
+        tried.append(name)
+        raise PoolTimeout("couldn't get a connection after 5.00 sec")
+
+    real_many, real_drop = issuer._drop_many, issuer._drop
+    issuer._drop_many, issuer._drop = broken, timing_out  # type: ignore[method-assign]
+    try:
+        failed = issuer.revoke_many(refs)
+    finally:
+        issuer._drop_many, issuer._drop = real_many, real_drop  # type: ignore[method-assign]
+    assert tried == refs[:1]
+    assert set(failed) == set(refs)
+    assert all(isinstance(e, TemporaryIssuerError) for e in failed.values())
+    assert issuer.revoke_many(refs) == {}  # reachable again: they go
+    assert not any(issuer.exists(ref) for ref in refs)

@@ -185,25 +185,27 @@ class PostgresIssuer(Issuer):
             with self._errors("revoke"):
                 try:
                     self._drop_many(names)
-                except psycopg.Error as exc:
-                    unreachable = _no_connection(exc)
+                except PoolTimeout:
+                    unreachable = True
                     raise
             return failed
         except IssuerError as exc:
             if unreachable:
-                # The batch never reached the backend: each role on its own would wait
-                # for a connection again (the pool's timeout), one after another, while
-                # the step holds its ledger rows. All fail with this error; the backoff
-                # and the re-drive bring them back.
-                failed.update(dict.fromkeys(names, exc))
-                return failed
-            # One of them (e.g. it owns an object): each on its own, with its own error.
-        for name in names:
+                return {**failed, **_all_failed(names, exc)}
+            # One of them (e.g. it owns an object), or a connection that broke: each on
+            # its own, with its own error (a broken connection is replaced by the pool).
+        for i, name in enumerate(names):
             try:
                 with self._errors("revoke"):
-                    self._drop(name)
+                    try:
+                        self._drop(name)
+                    except PoolTimeout:
+                        unreachable = True
+                        raise
             except IssuerError as exc:
                 failed[name] = exc
+                if unreachable:
+                    return {**failed, **_all_failed(names[i + 1 :], exc)}
         return failed
 
     def exists(self, ref: str) -> bool:
@@ -514,13 +516,12 @@ def _describe(exc: BaseException) -> str:
     return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
 
 
-def _no_connection(exc: psycopg.Error) -> bool:
-    """No connection to the backend (none to be had from the pool in time, or the one
-    in hand lost): a client-side error without a SQLSTATE, nothing the server said
-    about a statement or a role."""
-    return isinstance(exc, PoolTimeout) or (
-        isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and exc.sqlstate is None
-    )
+def _all_failed(names: list[str], exc: IssuerError) -> dict[str, IssuerError]:
+    """No connection to be had within the pool's timeout (the backend is out of reach):
+    each remaining role on its own would wait that timeout again, one after another,
+    while the step holds its ledger rows. They fail with this error; the backoff and
+    the re-drive bring them back."""
+    return dict.fromkeys(names, exc)
 
 
 def _concurrent_update(exc: BaseException) -> bool:
