@@ -1667,14 +1667,28 @@ def begin_mint_with_inputs(
         return cred, task, ca, leased
     params = {"p_id": cred_id, "p_token": token, "p_until": now + MINT_LEASE, "p_now": now}
     row = session.execute(_BEGIN_MINT_WITH_INPUTS, params).first()
-    return (row[0], row[1], row[2], bool(row[3])) if row is not None else None
+    if row is None:
+        return None
+    cred, task, ca, leased, touched = row
+    if leased and not touched:
+        # Taken but not touched: the row is locked (an ending task: the activation's
+        # compare-and-set settles that) or no longer pending. The latter happens when
+        # this statement waited on the lease of a delivery that activated and released
+        # it meanwhile: its read is from before, so look again, and let go.
+        state = session.execute(_CRED_STATE, {"p_id": cred_id}).scalar_one()
+        if state != CredState.pending:
+            _release_lease(session, cred_id, token)
+            set_committed_value(cred, "state", state)
+            return cred, task, ca, False
+    return cred, task, ca, bool(leased)
 
 
 def _begin_mint_with_inputs_statement() -> Any:
-    """PostgreSQL: the lease taken only for a pending credential (INSERT ... SELECT
-    WHERE, with begin_mint's conflict rule), the row touched only when the lease was
-    taken (and not locked), and mint_inputs' read, in one statement. Every part reads
-    the statement's one snapshot, as the separate statements read theirs."""
+    """PostgreSQL: the lease taken for a credential pending in the statement's snapshot
+    (INSERT ... SELECT WHERE, with begin_mint's conflict rule), the row touched only
+    when the lease was taken and the row is still pending and not locked (FOR UPDATE
+    sees the latest version), and mint_inputs' read, in one statement; whether it was
+    leased and touched (begin_mint_with_inputs looks again when leased, not touched)."""
     lease = MintLease.__table__  # type: ignore[attr-defined]
     table = Credential.__table__  # type: ignore[attr-defined]
     param = sqlalchemy.bindparam
@@ -1710,10 +1724,19 @@ def _begin_mint_with_inputs_statement() -> Any:
             updated_at=param("p_now", type_=UTCDateTime()),
             next_attempt_at=param("p_until", type_=UTCDateTime()),
         )
+        .returning(table.c.id)
         .cte("touch")
     )
     leased = sqlalchemy.select(func.count()).select_from(take).scalar_subquery()
-    return _MINT_INPUTS.add_columns(leased.label("leased")).add_cte(take, touch)
+    touched = sqlalchemy.select(func.count()).select_from(touch).scalar_subquery()
+    return _MINT_INPUTS.add_columns(leased.label("leased"), touched.label("touched")).add_cte(
+        take, touch
+    )
+
+
+_CRED_STATE = sqlalchemy.select(Credential.__table__.c.state).where(  # type: ignore[attr-defined]
+    Credential.__table__.c.id == sqlalchemy.bindparam("p_id")  # type: ignore[attr-defined]
+)
 
 
 _BEGIN_MINT_WITH_INPUTS = _begin_mint_with_inputs_statement()

@@ -437,3 +437,49 @@ def test_a_revoke_batch_is_one_statement_on_postgresql(count_statements: list[st
 @pytest.mark.usefixtures("sqlite_ledger")
 def test_a_revoke_batch_on_sqlite() -> None:
     _revoke_batch(Driver(tenant="embedded"), None)
+
+
+def test_a_delivery_that_waited_on_an_activation_does_not_mint_again() -> None:
+    """Delivery B's statement waits on the lease of delivery A, which activates and
+    releases it meanwhile: B must not take the lease of a credential now active (a
+    second mint would replace the live role's password)."""
+    import threading
+
+    driver = Driver(tenant=f"race-{os.urandom(3).hex()}")
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    [cred_id] = driver.apply("task.started", f"race-{os.urandom(4).hex()}", data).to_mint
+    now = utcnow()
+    with session_scope() as s:
+        assert ledger.begin_mint(s, cred_id, token="A", now=now)
+    got: list[Any] = []
+    a = session_scope()
+    session_a = a.__enter__()
+    try:
+        # A activates: its row and its lease stay locked until it commits.
+        assert ledger.activate(
+            session_a,
+            cred_id,
+            token="A",
+            ref="the-ref",
+            sealed_secret="sealed",
+            expires_at=now + timedelta(minutes=1),
+            now=now,
+        )
+
+        def delivery_b() -> None:
+            with session_scope() as s:
+                found = ledger.begin_mint_with_inputs(s, cred_id, token="B", now=utcnow())
+                assert found is not None
+                got.append((found[0].state, found[3]))
+
+        b = threading.Thread(target=delivery_b)
+        b.start()
+        b.join(1.0)
+        assert b.is_alive()  # B waits on A's lease
+    finally:
+        a.__exit__(None, None, None)  # A commits
+    b.join(30)
+    assert not b.is_alive()
+    assert got == [("active", False)]
+    with session_scope() as s:
+        assert s.get(ledger.MintLease, cred_id) is None  # B let go of what it took
