@@ -26,6 +26,22 @@ def sql(db: str, *statements: str) -> None:
             c.execute(s)  # type: ignore[arg-type]
 
 
+def wait_revoked(ledger: str, names: list[str], timeout: float = 120) -> None:
+    """Until every credential of the named tasks is revoked in the ledger (bounded)."""
+    end = time.monotonic() + timeout
+    with psycopg.connect(f"{PG}/{ledger}", autocommit=True) as c:
+        while time.monotonic() < end:
+            left = c.execute(
+                "SELECT count(*) FROM credentials c JOIN tasks t ON t.id = c.task_id "
+                "WHERE t.name = ANY(%s) AND c.state <> 'revoked'",
+                (names,),
+            ).fetchone()
+            if left == (0,):
+                return
+            time.sleep(0.05)
+    raise SystemExit(f"not all credentials of {len(names)} task(s) revoked within {timeout:.0f} s")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]

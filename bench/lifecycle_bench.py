@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from common import PG, cpu_since, event, free_port, machine_cpu, pct, sql
+from common import PG, cpu_since, event, free_port, machine_cpu, pct, sql, wait_revoked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,22 +168,6 @@ def sql_totals(folder: Path) -> tuple[int, int]:
         if len(text) == 2:
             s, c = s + int(text[0]), c + int(text[1])
     return s, c
-
-
-def wait_revoked(ledger: str, names: list[str], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    with psycopg.connect(f"{PG}/{ledger}") as c:
-        while time.monotonic() < end:
-            left = c.execute(
-                "SELECT count(*) FROM credentials c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.name = ANY(%s) AND c.state <> 'revoked'",
-                (names,),
-            ).fetchone()
-            c.commit()
-            if left == (0,):
-                return
-            time.sleep(0.05)
-    raise SystemExit("timed out waiting for revocations")
 
 
 def main() -> None:

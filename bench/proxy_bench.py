@@ -40,7 +40,7 @@ from urllib.parse import quote
 import httpx
 import hvac
 import psycopg
-from common import PG, event, free_port, pct, sql
+from common import PG, event, free_port, pct, sql, wait_revoked
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.* when run as a script
@@ -157,22 +157,6 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> N
             pass
         time.sleep(0.1)
     raise SystemExit(f"{what} did not answer within 60 s")
-
-
-def wait_revoked(ledger: str, task: str) -> None:
-    """Until every credential of `task` is revoked (bounded by TIMEOUT)."""
-    end = time.monotonic() + TIMEOUT
-    with psycopg.connect(f"{PG}/{ledger}", autocommit=True) as conn:
-        while time.monotonic() < end:
-            row = conn.execute(
-                "SELECT count(*) FROM credentials c JOIN tasks t ON t.id = c.task_id "
-                "WHERE t.name = %s AND c.state <> 'revoked'",
-                (task,),
-            ).fetchone()
-            if row == (0,):
-                return
-            time.sleep(0.05)
-    raise SystemExit(f"the credentials of {task} were not revoked within {TIMEOUT:.0f} s")
 
 
 PROFILES = """
@@ -392,7 +376,7 @@ def main() -> None:
         # The worker idle before it is stopped: a SIGTERM in the instant a revoke is
         # handed to its pool process left that process waiting (about 30 s) for the
         # parent to take its result, and the stop below ran into its 15 s kill.
-        wait_revoked(ledger, task)
+        wait_revoked(ledger, [task], TIMEOUT)
     finally:
         for p in procs:
             p.terminate()

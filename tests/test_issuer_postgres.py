@@ -478,7 +478,8 @@ def test_credential_cannot_set_role_to_its_group_from_16(issuer: PostgresIssuer)
     issuer.revoke(minted.ref)
 
 
-def test_unreachable_server_is_temporary_and_hides_password(installation_id: str) -> None:
+def unreachable_issuer(installation_id: str) -> PostgresIssuer:
+    """An issuer whose server does not answer (nothing listens on port 1)."""
     profile = PostgresProfile(
         name="down",
         issuer="postgres",
@@ -486,9 +487,13 @@ def test_unreachable_server_is_temporary_and_hides_password(installation_id: str
         grants=("GRANT CONNECT ON DATABASE x TO {role}",),
         max_ttl=60,
     )
-    issuer = PostgresIssuer(
+    return PostgresIssuer(
         profile, installation_id=installation_id, settings=Settings(backend_timeout=0.3)
     )
+
+
+def test_unreachable_server_is_temporary_and_hides_password(installation_id: str) -> None:
+    issuer = unreachable_issuer(installation_id)
     with pytest.raises(TemporaryIssuerError) as caught:
         issuer.exists("lh_x")
     assert "hunter2-hidden" not in str(caught.value)
@@ -513,16 +518,7 @@ def test_bad_grant_is_permanent(database: str, installation_id: str) -> None:
 def test_an_unreachable_backend_fails_a_revoke_batch_at_once(installation_id: str) -> None:
     """No connection to be had (the pool's timeout): every role of the batch fails with
     that error, temporary, without each waiting for a connection again."""
-    profile = PostgresProfile(
-        name="down",
-        issuer="postgres",
-        dsn="postgresql://admin:hunter2-hidden@127.0.0.1:1/x",
-        grants=("GRANT CONNECT ON DATABASE x TO {role}",),
-        max_ttl=60,
-    )
-    issuer = PostgresIssuer(
-        profile, installation_id=installation_id, settings=Settings(backend_timeout=0.3)
-    )
+    issuer = unreachable_issuer(installation_id)
     names = [issuer.prefix + secrets.token_hex(6) for _ in range(3)]
     tried: list[str] = []
     real_drop = issuer._drop
