@@ -1621,33 +1621,46 @@ def _begin_mint_statements(dialect: str) -> tuple[Any, Any]:
     """begin_mint's two statements, built once per dialect with bound parameters (built
     per call, their cache keys were a fifth of a mint's CPU). Core, on the tables."""
     lease = MintLease.__table__  # type: ignore[attr-defined]
-    table = Credential.__table__  # type: ignore[attr-defined]
     param = sqlalchemy.bindparam
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(lease).values(
         credential_id=param("p_id"), token=param("p_token"), until=param("p_until")
     )
-    take = stmt.on_conflict_do_update(
+    return _take_lease(stmt), _touch_pending()
+
+
+def _take_lease(stmt: Any) -> Any:
+    """A mint lease INSERT with begin_mint's conflict rule: a lease is taken over only
+    once it ran out, or by the delivery holding it (its retries keep it)."""
+    lease = stmt.table
+    param = sqlalchemy.bindparam
+    return stmt.on_conflict_do_update(
         index_elements=[lease.c.credential_id],
         set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
         where=(lease.c.until <= param("p_now", type_=UTCDateTime()))
         | (lease.c.token == param("p_token")),
     ).returning(lease.c.token)
+
+
+def _touch_pending(*also: Any) -> Any:
+    """The pending row touched (unless locked: SKIP LOCKED), so that "young pending"
+    means "in flight" and the re-drive waits for the lease to run out."""
+    table = Credential.__table__  # type: ignore[attr-defined]
+    param = sqlalchemy.bindparam
     unlocked = (
         sqlalchemy.select(table.c.id)
         .where(table.c.id == param("p_id"), table.c.state == CredState.pending.value)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    touch = (
+    return (
         update(table)
-        .where(table.c.id == unlocked)
+        .where(table.c.id == unlocked, *also)
         .values(
             updated_at=param("p_now", type_=UTCDateTime()),
             next_attempt_at=param("p_until", type_=UTCDateTime()),
         )
     )
-    return take, touch
 
 
 def begin_mint_with_inputs(
@@ -1701,31 +1714,9 @@ def _begin_mint_with_inputs_statement() -> Any:
             param("p_until", type_=UTCDateTime()),
         ).where(pending),
     )
-    take = (
-        stmt.on_conflict_do_update(
-            index_elements=[lease.c.credential_id],
-            set_={"token": stmt.excluded.token, "until": stmt.excluded.until},
-            where=(lease.c.until <= param("p_now", type_=UTCDateTime()))
-            | (lease.c.token == param("p_token")),
-        )
-        .returning(lease.c.token)
-        .cte("take")
-    )
-    unlocked = (
-        sqlalchemy.select(table.c.id)
-        .where(table.c.id == param("p_id"), table.c.state == CredState.pending.value)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+    take = _take_lease(stmt).cte("take")
     touch = (
-        update(table)
-        .where(table.c.id == unlocked, exists(sqlalchemy.select(take.c.token)))
-        .values(
-            updated_at=param("p_now", type_=UTCDateTime()),
-            next_attempt_at=param("p_until", type_=UTCDateTime()),
-        )
-        .returning(table.c.id)
-        .cte("touch")
+        _touch_pending(exists(sqlalchemy.select(take.c.token))).returning(table.c.id).cte("touch")
     )
     leased = sqlalchemy.select(func.count()).select_from(take).scalar_subquery()
     touched = sqlalchemy.select(func.count()).select_from(touch).scalar_subquery()
