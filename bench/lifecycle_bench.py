@@ -378,6 +378,8 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(15)
+        with psycopg.connect(f"{PG}/{ledger}", autocommit=True) as c:
+            found = c.execute("SELECT id FROM installation").fetchone()
         with psycopg.connect(f"{PG}/postgres", autocommit=True) as c:
             for db in (ledger, data):
                 c.execute(
@@ -385,6 +387,13 @@ def main() -> None:
                     (db,),
                 )
                 c.execute(f"DROP DATABASE IF EXISTS {db}")  # type: ignore[arg-type]
+            # Roles are cluster-wide: this installation's (its mark), logins first.
+            for (role,) in c.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'lh_%%' AND "
+                "shobj_description(oid, 'pg_authid') LIKE %s ORDER BY rolcanlogin DESC",
+                (f"leasehold installation={found[0] if found else '-'} %",),
+            ).fetchall():
+                c.execute(f'DROP ROLE IF EXISTS "{role}"')  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
