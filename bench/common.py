@@ -42,6 +42,18 @@ def wait_revoked(ledger: str, names: list[str], timeout: float = 120) -> None:
     raise SystemExit(f"not all credentials of {len(names)} task(s) revoked within {timeout:.0f} s")
 
 
+def drop_broker_keys(prefix: str, url: str = "redis://127.0.0.1:6379/0") -> None:
+    """A run's broker keys (its queues, bindings, unacked messages), by its key prefix."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=500):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]

@@ -33,7 +33,17 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from common import PG, cpu_since, event, free_port, machine_cpu, pct, sql, wait_revoked
+from common import (
+    PG,
+    cpu_since,
+    drop_broker_keys,
+    event,
+    free_port,
+    machine_cpu,
+    pct,
+    sql,
+    wait_revoked,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -394,6 +404,7 @@ def main() -> None:
                 (f"leasehold installation={found[0] if found else '-'} %",),
             ).fetchall():
                 c.execute(f'DROP ROLE IF EXISTS "{role}"')  # type: ignore[arg-type]
+        drop_broker_keys(env["LEASEHOLD_BROKER_KEY_PREFIX"])
 
 
 if __name__ == "__main__":

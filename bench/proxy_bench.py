@@ -40,7 +40,7 @@ from urllib.parse import quote
 import httpx
 import hvac
 import psycopg
-from common import PG, event, free_port, pct, sql, wait_revoked
+from common import PG, drop_broker_keys, event, free_port, pct, sql, wait_revoked
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.* when run as a script
@@ -399,6 +399,7 @@ def main() -> None:
                 (ledger,),
             )
             c.execute(f"DROP DATABASE IF EXISTS {ledger}")  # type: ignore[arg-type]
+        drop_broker_keys(f"lhpbench{run}:")
 
 
 if __name__ == "__main__":
