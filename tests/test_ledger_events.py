@@ -19,6 +19,7 @@ from app.core.db import get_engine, session_scope
 from app.core.models import AuditEntry, Credential, CredState, Event, Task, TaskCA, utcnow
 from app.issuers.base import mark
 from tests.support.isolated import Driver, session_profiles
+from tests.support.procs import environment
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -169,25 +170,16 @@ def test_event_round_trips_on_postgresql(count_statements: list[str]) -> None:
 def sqlite_ledger(tmp_path: Path) -> Iterator[None]:
     """This process pointed at an embedded (SQLite) ledger of its own."""
     from app.core.migrate import upgrade
-    from app.core.settings import get_settings
 
     profiles = tmp_path / "profiles.toml"
     profiles.write_text(session_profiles() + PROXY_PROFILE)
-    names = ("LEASEHOLD_DATABASE_URL", "LEASEHOLD_PROFILES_FILE")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["LEASEHOLD_DATABASE_URL"] = f"sqlite:///{tmp_path / 'ledger.db'}"
-    os.environ["LEASEHOLD_PROFILES_FILE"] = str(profiles)
-    get_settings.cache_clear()
-    try:
+    ledger_env = {
+        "LEASEHOLD_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "LEASEHOLD_PROFILES_FILE": str(profiles),
+    }
+    with environment(ledger_env, settings=True):
         upgrade()
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
 
 
 @pytest.mark.usefixtures("sqlite_ledger")

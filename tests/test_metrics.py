@@ -26,7 +26,7 @@ from app.core.models import Sweep, utcnow
 from app.core.settings import get_settings
 from app.observability import metrics, observe
 from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
-from tests.support.procs import free_port, start_worker, stop_process, wait_until
+from tests.support.procs import environment, free_port, start_worker, stop_process, wait_until
 
 # The run's services (OpenBao, the ledger, the data database), started once per session.
 pytestmark = pytest.mark.usefixtures("services")
@@ -343,16 +343,8 @@ def test_a_worker_serves_its_own_metrics_on_its_port(tmp_path: Path, dead_pid: i
         "LEASEHOLD_METRICS_DIR": str(directory),
         "LEASEHOLD_METRICS_TOKEN": "worker-metrics-token",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         proc = start_worker(tmp_path / "worker.log", "--concurrency", "1")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         # A count left by one of this worker's (now gone) pool processes.

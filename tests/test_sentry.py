@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +24,7 @@ from app.core.settings import get_settings
 from app.observability.sentry import scrub_event, shutdown_sentry
 from app.queue import REVOKE, REVOKE_QUEUE, configure, enqueue_revoke
 from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
-from tests.support.procs import start_worker, stop_process, wait_until
+from tests.support.procs import environment, start_worker, stop_process, wait_until
 from tests.support.world import HOME, PREFIX
 
 # The run's services (OpenBao, the ledger, the data database), started once per session.
@@ -181,16 +180,8 @@ def test_failing_revocation_reaches_sentry_without_secrets(
         "LEASEHOLD_BROKER_KEY_PREFIX": prefix,
         "LEASEHOLD_REVOKE_ALERT_AFTER": "2",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         proc = start_worker(HOME / "worker-sentry.log", "--concurrency", "1")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
     try:
         # A real credential, minted by the main worker and claimed.
         name = unique("sentry-failing")

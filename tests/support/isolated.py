@@ -19,7 +19,7 @@ import hvac
 import psycopg
 import redis
 
-from tests.support.procs import free_port
+from tests.support.procs import environment, free_port
 from tests.support.world import (
     DATA_DB,
     HOME,
@@ -117,30 +117,18 @@ def private_ledger(
 
     Only for in-process tests: the session worker keeps the session's ledger.
     """
-    from app.core.settings import get_settings
     from app.issuers import close_all
 
     db, url = create_ledger(tag)
     inst = installation_of(url)
-    env = env or {}
-    names = ("LEASEHOLD_DATABASE_URL", "LEASEHOLD_PROFILES_FILE", *env)
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["LEASEHOLD_DATABASE_URL"] = url
-    os.environ.update(env)
+    values = {"LEASEHOLD_DATABASE_URL": url, **(env or {})}
     if profiles_extra:
-        os.environ["LEASEHOLD_PROFILES_FILE"] = str(
-            write_profiles(HOME / f"profiles-{tag}.toml", profiles_extra)
-        )
-    get_settings.cache_clear()
+        path = write_profiles(HOME / f"profiles-{tag}.toml", profiles_extra)
+        values["LEASEHOLD_PROFILES_FILE"] = str(path)
     try:
-        yield inst
+        with environment(values, settings=True):
+            yield inst
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
         close_all()
         drop_ledger(db)
         remove_installation_objects(inst)

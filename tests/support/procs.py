@@ -12,13 +12,36 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CLI = [sys.executable, "-m", "app.cli"]
 _GROUPS: set[int] = set()  # pids started as leaders of their own process group
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str], *, settings: bool = False) -> Iterator[None]:
+    """These variables in this process's environment (what the processes it starts
+    inherit), each restored, or removed, afterwards; `settings`: this process's
+    settings are read again on entry and on exit."""
+    from app.core.settings import get_settings
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    if settings:
+        get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if settings:
+            get_settings.cache_clear()
 
 
 def free_port() -> int:
