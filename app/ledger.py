@@ -1800,8 +1800,17 @@ def _activate_statement() -> Any:
 _ACTIVATE = _activate_statement()
 
 
-_ACTIVATION_AUDIT_COLUMNS = (
-    *("id", "at", "tenant", "actor", "action", "task_id", "credential_id", "reason", "detail"),
+# The audit columns an UPDATE ... RETURNING feeds (the export's two columns stay NULL).
+_FED_AUDIT_COLUMNS = (
+    "id",
+    "at",
+    "tenant",
+    "actor",
+    "action",
+    "task_id",
+    "credential_id",
+    "reason",
+    "detail",
 )
 
 
@@ -1823,7 +1832,7 @@ def _activate_and_audit_statement() -> Any:
     audited = (
         sqlalchemy.insert(entries)
         .from_select(
-            _ACTIVATION_AUDIT_COLUMNS,
+            _FED_AUDIT_COLUMNS,
             sqlalchemy.select(
                 param("p_audit_id", type_=entries.c.id.type),
                 param("p_now", type_=UTCDateTime()),
@@ -2053,7 +2062,8 @@ def mark_revoked_many(
     if not rows:
         return []
     ids = [row.id for row in rows]
-    if session.get_bind().dialect.name == "postgresql":
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
         # Each entry's id taken now, in the batch's order (the export's order).
         params = {"ids": ids, "audit_ids": [new_id() for _ in rows], "now": now}
         done = set(session.execute(_REVOKED_AND_AUDIT, params).scalars())
@@ -2062,7 +2072,7 @@ def mark_revoked_many(
     moved = [row for row in rows if row.id in done]
     for row in moved:
         row.state, row.revoked_at = CredState.revoked, now
-    if session.get_bind().dialect.name != "postgresql":
+    if not postgres:  # PostgreSQL wrote them with the UPDATE
         write_audit(
             session,
             [
@@ -2117,7 +2127,7 @@ def _revoked_and_audit_statement() -> Any:
     return (
         sqlalchemy.insert(entries)
         .from_select(
-            _REVOKED_AUDIT_COLUMNS,
+            _FED_AUDIT_COLUMNS,
             sqlalchemy.select(
                 given.c.audit_id,
                 sqlalchemy.bindparam("now", type_=UTCDateTime()),
@@ -2127,6 +2137,7 @@ def _revoked_and_audit_statement() -> Any:
                 done.c.task_id,
                 done.c.id,
                 done.c.revoke_reason,
+                null(),
             )
             .select_from(done.join(given, given.c.cred == done.c.id))
             .order_by(given.c.audit_id),
@@ -2136,9 +2147,6 @@ def _revoked_and_audit_statement() -> Any:
     )
 
 
-_REVOKED_AUDIT_COLUMNS = (
-    *("id", "at", "tenant", "actor", "action", "task_id", "credential_id", "reason"),
-)
 _REVOKED_AND_AUDIT = _revoked_and_audit_statement()
 
 
