@@ -206,17 +206,30 @@ def emitter_id() -> str:
 
 @contextmanager
 def revocation_history(owner_key_id: str, installation: str) -> Iterator[None]:
-    """An hour of ended tasks with verified revocations, so the chart has a history."""
+    """An hour of ended tasks with verified revocations, so the chart has a history.
+
+    Rows go into each of the chart's 30 aligned two-minute buckets, the current one
+    included, so every bar is there whether or not this run's own revocations fell in
+    the current bucket. Near a bucket's end it first waits for the next bucket, so the
+    page's render (within seconds) sees the same window.
+    """
+    width = timedelta(minutes=2)
     now = utcnow()
+    into = now.timestamp() % width.total_seconds()
+    if into > width.total_seconds() - 20:
+        time.sleep(width.total_seconds() - into + 1)
+        now = utcnow()
+    current = now - timedelta(seconds=now.timestamp() % width.total_seconds())
     profiles = [
         ("kv-reader", "vault-token"),
         ("task-cache", "redis"),
         ("reports-readonly", "postgres"),
     ]
     tasks, creds = [], []
-    for bucket in range(29):  # the newest bucket holds this run's own revocations
+    for bucket in range(30):
+        bucket_start = current - width * (29 - bucket)
         for j in range(3 + (bucket * 7) % 9):
-            revoked_at = now - timedelta(minutes=58 - 2 * bucket, seconds=5 + 9 * j)
+            revoked_at = min(bucket_start + timedelta(seconds=5 + 9 * j), now)
             timeout = j % 6 == 5
             exposure = timedelta(milliseconds=(350 + 40 * j) if timeout else 6 + (j * 13) % 30)
             ended = revoked_at - exposure
