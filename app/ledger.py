@@ -2109,9 +2109,8 @@ def _mark_revoked_statement(ids: Any) -> Any:
     )
 
 
-_credential_id = Credential.__table__.c.id  # type: ignore[attr-defined]
 _MARK_REVOKED = _mark_revoked_statement(
-    _credential_id.in_(sqlalchemy.bindparam("ids", expanding=True))
+    _CREDS.c.id.in_(sqlalchemy.bindparam("ids", expanding=True))
 )
 
 
@@ -2121,7 +2120,7 @@ def _revoked_and_audit_statement() -> Any:
     entries = AuditEntry.__table__  # type: ignore[attr-defined]
     text_array = postgresql.ARRAY(sqlalchemy.String)
     ids = sqlalchemy.bindparam("ids", type_=text_array)
-    done = _mark_revoked_statement(_credential_id == sqlalchemy.func.any(ids)).cte("done")
+    done = _mark_revoked_statement(_CREDS.c.id == sqlalchemy.func.any(ids)).cte("done")
     pairs = sqlalchemy.func.unnest(ids, sqlalchemy.bindparam("audit_ids", type_=text_array))
     given = pairs.table_valued("cred", "audit_id").render_derived(name="given")
     return (
@@ -2180,42 +2179,168 @@ class ClaimedCredential:
     minted_at: datetime | None
 
 
-_creds: sqlalchemy.Table = Credential.__table__  # type: ignore[attr-defined]
-_audit_table: sqlalchemy.Table = AuditEntry.__table__  # type: ignore[attr-defined]
-_claim_now = sqlalchemy.bindparam("now", type_=_creds.c.updated_at.type)
+_claim_now = sqlalchemy.bindparam("now", type_=_CREDS.c.updated_at.type)
 _claim_consumed = (
-    update(_creds)
+    update(_CREDS)
     .where(
-        _creds.c.id == sqlalchemy.bindparam("cred"),
-        _creds.c.state == CredState.active.value,
-        _creds.c.claimed_at.is_(None),
-        _creds.c.sealed_secret == sqlalchemy.bindparam("sealed"),
+        _CREDS.c.id == sqlalchemy.bindparam("cred"),
+        _CREDS.c.state == CredState.active.value,
+        _CREDS.c.claimed_at.is_(None),
+        _CREDS.c.sealed_secret == sqlalchemy.bindparam("sealed"),
     )
     .values(claimed_at=_claim_now, sealed_secret=None, updated_at=_claim_now)
-    .returning(_creds.c.id, _creds.c.tenant, _creds.c.task_id)
+    .returning(_CREDS.c.id, _CREDS.c.tenant, _CREDS.c.task_id)
 )
-_consumed_cte = _claim_consumed.cte("consumed")
-# PostgreSQL: the consuming UPDATE feeds the audit INSERT, one statement, one round trip;
-# the audit row exists exactly when the secret was consumed.
-_TAKE_AND_AUDIT = (
-    sqlalchemy.insert(_audit_table)
-    .from_select(
-        ["id", "at", "tenant", "actor", "action", "task_id", "credential_id", "detail"],
-        sqlalchemy.select(
-            sqlalchemy.bindparam("audit_id", type_=_audit_table.c.id.type),
-            sqlalchemy.bindparam("now", type_=_audit_table.c.at.type),
-            _consumed_cte.c.tenant,
-            sqlalchemy.bindparam("actor", type_=_audit_table.c.actor.type),
-            literal("claimed", _audit_table.c.action.type),
-            _consumed_cte.c.task_id,
-            _consumed_cte.c.id,
-            sqlalchemy.bindparam("detail", type_=_audit_table.c.detail.type),
-        ),
+
+
+def _claimed_entry(consumed: Any) -> Any:
+    """The `claimed` audit INSERT fed by a consuming UPDATE's RETURNING (a CTE): the
+    audit row exists exactly when the secret was consumed."""
+    return (
+        sqlalchemy.insert(_AUDIT)
+        .from_select(
+            ["id", "at", "tenant", "actor", "action", "task_id", "credential_id", "detail"],
+            sqlalchemy.select(
+                sqlalchemy.bindparam("audit_id", type_=_AUDIT.c.id.type),
+                sqlalchemy.bindparam("now", type_=_AUDIT.c.at.type),
+                consumed.c.tenant,
+                sqlalchemy.bindparam("actor", type_=_AUDIT.c.actor.type),
+                literal("claimed", _AUDIT.c.action.type),
+                consumed.c.task_id,
+                consumed.c.id,
+                sqlalchemy.bindparam("detail", type_=_AUDIT.c.detail.type),
+            ),
+        )
+        .returning(_AUDIT.c.id)
     )
-    .add_cte(_consumed_cte, nest_here=True)
-    .returning(_audit_table.c.id)
+
+
+# PostgreSQL: the consuming UPDATE feeds the audit INSERT, one statement, one round trip.
+_consumed_cte = _claim_consumed.cte("consumed")
+_TAKE_AND_AUDIT = _claimed_entry(_consumed_cte).add_cte(_consumed_cte, nest_here=True)
+_AUDIT_CLAIMED = sqlalchemy.insert(_AUDIT).values(action="claimed")
+
+# A claim's read: the task and its grant's latest credential, one Core statement built
+# once (no ORM entities, no identity map, the compiled form cached).
+CLAIM_READ = (
+    sqlalchemy.select(
+        _TASKS.c.tenant.label("task_tenant"),
+        _TASKS.c.name.label("task_name"),
+        _TASKS.c.workload,
+        _TASKS.c.claim_generation,
+        _TASKS.c.state.label("task_state"),
+        _CREDS.c.id,
+        _CREDS.c.tenant,
+        _CREDS.c.task_id,
+        _CREDS.c.issuer,
+        _CREDS.c.profile,
+        _CREDS.c.state,
+        _CREDS.c.claimed_at,
+        _CREDS.c.minted_at,
+        _CREDS.c.expires_at,
+        _CREDS.c.sealed_secret,
+        _CREDS.c.grant,
+    )
+    .select_from(
+        _TASKS.outerjoin(
+            _CREDS,
+            sqlalchemy.and_(
+                _CREDS.c.task_id == _TASKS.c.id,
+                _CREDS.c.grant == sqlalchemy.bindparam("p_grant"),
+            ),
+        )
+    )
+    .where(_TASKS.c.id == sqlalchemy.bindparam("p_task"))
+    .order_by(_CREDS.c.generation.desc())
+    .limit(1)
 )
-_AUDIT_CLAIMED = sqlalchemy.insert(_audit_table).values(action="claimed")
+
+
+def _read_and_take_statement(*, by_subject: bool) -> Any:
+    """PostgreSQL: the claim's read, and in the same statement the consume with its
+    `claimed` entry when the read shows a plain claim that succeeds (the task running
+    under this tenant and name, the claimant its holder, the credential active and
+    unclaimed, its profile not one that asks policy again at claim). The answer is the
+    read's row plus `taken`; nothing is written otherwise. A row a concurrent revoke or
+    claim changed is re-checked by the UPDATE itself, so `taken` is never stale. The
+    parameters are named `p_*`: one named like a credentials column (`tenant`, `grant`)
+    would be taken by SQLAlchemy as one more SET of the UPDATE."""
+    read = CLAIM_READ.cte("read")
+    holder = (
+        read.c.workload == sqlalchemy.bindparam("p_subject")
+        if by_subject
+        else read.c.claim_generation == sqlalchemy.bindparam("p_generation")
+    )
+    taken = (
+        update(_CREDS)
+        .where(
+            _CREDS.c.id == read.c.id,
+            read.c.task_tenant == sqlalchemy.bindparam("p_tenant"),
+            read.c.task_name == sqlalchemy.bindparam("p_task_name"),
+            read.c.task_state == TaskState.running.value,
+            holder,
+            read.c.profile
+            != sqlalchemy.all_(
+                sqlalchemy.bindparam("p_asks_again", type_=postgresql.ARRAY(sqlalchemy.String))
+            ),
+            _CREDS.c.state == CredState.active.value,
+            _CREDS.c.claimed_at.is_(None),
+            _CREDS.c.sealed_secret == read.c.sealed_secret,
+        )
+        .values(claimed_at=_claim_now, sealed_secret=None, updated_at=_claim_now)
+        .returning(_CREDS.c.id, _CREDS.c.tenant, _CREDS.c.task_id)
+        .cte("taken")
+    )
+    entry = _claimed_entry(taken).cte("entry")
+    return sqlalchemy.select(
+        *read.c,
+        sqlalchemy.exists(sqlalchemy.select(taken.c.id)).label("taken"),
+    ).add_cte(entry)
+
+
+_READ_AND_TAKE_BY_TOKEN = _read_and_take_statement(by_subject=False)
+_READ_AND_TAKE_BY_SUBJECT = _read_and_take_statement(by_subject=True)
+
+
+def read_for_claim(
+    conn: sqlalchemy.Connection,
+    *,
+    task_pk: str,
+    grant: str,
+    tenant: str,
+    task_name: str,
+    generation: int,
+    subject: str | None,
+    asks_again: list[str],
+    actor: str,
+    now: datetime,
+    detail: str | None = None,
+) -> tuple[Any, bool]:
+    """A claim's read (the `CLAIM_READ` row, None without the task) and whether the
+    secret was consumed with it (PostgreSQL, one statement; `asks_again` names the
+    profiles whose claims ask policy again, never consumed here). Not consumed means
+    the caller decides from the row, and consumes with `take_secret` if it may. The
+    caller commits only once it has decrypted the row's sealed secret, and rolls back
+    otherwise: a secret that cannot be decrypted is never destroyed."""
+    if conn.dialect.name != "postgresql":  # SQLite: no UPDATE in a CTE
+        return conn.execute(CLAIM_READ, {"p_task": task_pk, "p_grant": grant}).first(), False
+    row = conn.execute(
+        _READ_AND_TAKE_BY_TOKEN if subject is None else _READ_AND_TAKE_BY_SUBJECT,
+        {
+            "p_task": task_pk,
+            "p_grant": grant,
+            "p_tenant": tenant,
+            "p_task_name": task_name,
+            "p_generation": generation,
+            "p_subject": subject,
+            "p_asks_again": asks_again,
+            "now": now,
+            "audit_id": new_id(),
+            "actor": actor,
+            "detail": detail,
+        },
+    ).first()
+    return row, bool(row is not None and row.taken)
 
 
 def take_secret(

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from unittest import mock
 
 import psycopg
 import pytest
 import redis
 from sqlalchemy import event as sa_event
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from app import ledger, notify
-from app.core import sealing
 from app.core.db import get_engine, session_scope
 from app.core.models import AuditEntry, utcnow
 from tests.support.api import auth, claim_url, credentials_of, event, started, states, unique
@@ -70,6 +69,8 @@ def test_a_secret_that_cannot_be_decrypted_is_kept(app_client: Any, keys: dict[s
     assert sql("SELECT sealed_secret, claimed_at FROM credentials WHERE id = %s", cred_id) == [
         ("not-a-fernet-token", None)
     ]
+    # The consume and its `claimed` entry were one statement, rolled back together.
+    assert not sql("SELECT 1 FROM audit WHERE credential_id = %s AND action = 'claimed'", cred_id)
     # The key comes back (say, a rotation undone): the credential is still claimable.
     sql("UPDATE credentials SET sealed_secret = %s WHERE id = %s", sealed, cred_id)
     claimed = app_client.post(claim_url(name, "c"), headers=auth(token))
@@ -107,27 +108,24 @@ def test_a_second_claim_is_said_after_the_end_and_after_a_revoke(
 def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
     app_client: Any, keys: dict[str, str]
 ) -> None:
-    from app import ledger
-    from app.core.models import utcnow
+    """The revoke has moved the row but not committed when the claim's statement reads
+    it: the claim waits on the row, then sees it revoking and consumes nothing."""
     from app.queue import enqueue_revoke
 
     name, token, cred_id = start(app_client, keys["emitter"])
-    real_unseal = sealing.unseal
-
-    def revoked_meanwhile(sealed: str) -> dict[str, Any]:
-        """The revoke commits between the claim's read and its consume."""
-        with session_scope() as session:
-            ids = ledger.request_revoke(
-                session, credential_id=cred_id, reason="manual", actor="test", now=utcnow()
-            )
-        enqueue_revoke(ids)
-        return real_unseal(sealed)
-
     before = counted(app_client)
-    with mock.patch("app.api.credentials.sealing.unseal", revoked_meanwhile):
-        lost = app_client.post(claim_url(name, "c"), headers=auth(token))
+    with Session(get_engine()) as revoke, ThreadPoolExecutor(1) as pool:
+        ids = ledger.request_revoke(
+            revoke, credential_id=cred_id, reason="manual", actor="test", now=utcnow()
+        )
+        claiming = pool.submit(app_client.post, claim_url(name, "c"), headers=auth(token))
+        assert wait_until(lambda: waiting_on_a_lock("taken AS"))
+        revoke.commit()
+        lost = claiming.result(timeout=30)
+    enqueue_revoke(ids)
     assert lost.status_code == 410 and lost.json()["state"] in ("revoking", "revoked")
     assert sql("SELECT claimed_at FROM credentials WHERE id = %s", cred_id) == [(None,)]
+    assert not sql("SELECT 1 FROM audit WHERE credential_id = %s AND action = 'claimed'", cred_id)
     again = app_client.post(claim_url(name, "c"), headers=auth(token))
     assert again.status_code == 410 and again.json()["state"] != "claimed"
     assert second_claims(cred_id) == 0 and counted(app_client) == before
@@ -135,7 +133,16 @@ def test_a_claim_that_loses_a_race_with_a_revoke_is_no_interception(
     app_client.post("/v1/events", json=event("succeeded", name), headers=auth(keys["emitter"]))
 
 
-def test_a_claim_is_one_read_and_one_write_with_its_audit_entry(
+def waiting_on_a_lock(query_part: str) -> bool:
+    return bool(
+        sql(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            f"%{query_part}%",
+        )
+    )
+
+
+def test_a_claim_is_one_statement_with_its_audit_entry(
     app_client: Any, keys: dict[str, str]
 ) -> None:
     name, token, cred_id = start(app_client, keys["emitter"])
@@ -151,8 +158,8 @@ def test_a_claim_is_one_read_and_one_write_with_its_audit_entry(
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     assert claimed.status_code == 200, claimed.text
-    # The read, then the consuming UPDATE feeding the audit INSERT (one statement).
-    assert seen == ["SELECT", "WITH"], seen
+    # The read, the consuming UPDATE and the audit INSERT: one statement.
+    assert seen == ["WITH"], seen
     entries = sql(
         "SELECT actor, tenant, task_id FROM audit WHERE credential_id = %s AND action = 'claimed'",
         cred_id,

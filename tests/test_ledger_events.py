@@ -475,3 +475,83 @@ def test_a_delivery_that_waited_on_an_activation_does_not_mint_again() -> None:
     assert got == [("active", False)]
     with session_scope() as s:
         assert s.get(ledger.MintLease, cred_id) is None  # B let go of what it took
+
+
+def _claim(driver: Driver, *, postgres: bool) -> None:
+    """A claim's read and consume: one statement on PostgreSQL (rolled back, the secret
+    is still there; committed, a second read finds it claimed), a read then
+    `take_secret` on SQLite."""
+    data = {"max_duration": 60, "grants": [{"name": "db", "profile": "reports-readonly"}]}
+    name = f"claim-{os.urandom(4).hex()}"
+    [cred_id] = driver.apply("task.started", name, data).to_mint
+    now = utcnow()
+    with session_scope() as s:
+        assert ledger.begin_mint(s, cred_id, token="A", now=now)
+    with session_scope() as s:
+        assert ledger.activate(
+            s,
+            cred_id,
+            token="A",
+            ref="the-ref",
+            sealed_secret="sealed-secret",
+            expires_at=now + timedelta(minutes=1),
+            now=now,
+        )
+    task, _, _ = _rows(name, driver.tenant)
+    claim = {
+        "task_pk": task.id,
+        "grant": "db",
+        "tenant": driver.tenant,
+        "task_name": name,
+        "generation": task.claim_generation,
+        "subject": None,
+        "asks_again": [],
+        "actor": "claim",
+        "now": now,
+    }
+
+    def read(**changed: Any) -> tuple[Any, bool]:
+        with get_engine().connect() as conn:
+            return ledger.read_for_claim(conn, **{**claim, **changed})
+
+    def claimed_entries() -> int:
+        _, _, entries = _rows(name, driver.tenant)
+        return sum(e.action == "claimed" for e in entries)
+
+    if postgres:
+        # Not the holder, not this task's name or tenant, or a profile that asks policy
+        # again: read, never consumed.
+        for changed in (
+            {"generation": task.claim_generation + 1},
+            {"task_name": "another"},
+            {"tenant": "another"},
+            {"asks_again": ["reports-readonly"]},
+            {"subject": "spiffe://example.org/not-the-workload"},
+        ):
+            row, taken = read(**changed)
+            assert row.id == cred_id and row.sealed_secret == "sealed-secret" and not taken
+        row, taken = read()  # rolled back when the connection closes
+        assert taken and row.sealed_secret == "sealed-secret" and row.claimed_at is None
+        assert claimed_entries() == 0
+        with get_engine().begin() as conn:
+            row, taken = ledger.read_for_claim(conn, **claim)
+            assert taken
+    else:
+        row, taken = read()
+        assert not taken and row.state == "active" and row.sealed_secret == "sealed-secret"
+        with get_engine().begin() as conn:
+            assert ledger.take_secret(
+                conn, credential_id=cred_id, sealed_secret="sealed-secret", actor="claim", now=now
+            )
+    row, taken = read()
+    assert not taken and row.claimed_at is not None and row.sealed_secret is None
+    assert claimed_entries() == 1
+
+
+def test_a_claim_reads_and_consumes_in_one_statement_on_postgresql() -> None:
+    _claim(Driver(tenant=f"claim-{os.urandom(3).hex()}"), postgres=True)
+
+
+@pytest.mark.usefixtures("sqlite_ledger")
+def test_a_claim_on_sqlite() -> None:
+    _claim(Driver(tenant="embedded"), postgres=False)

@@ -11,8 +11,6 @@ from typing import Annotated, Any, TypeVar, TypeVarTuple
 from fastapi import APIRouter, Query, Request, Security
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Table, and_, bindparam
-from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from app import ledger, notify
@@ -92,41 +90,6 @@ slots = WaitSlots(MAX_WAITERS_PER_TOKEN, MAX_WAITERS)
 async def _recheck(func: Callable[[*Ts], T], *args: *Ts) -> T:
     """Run a waiter's ledger read on its own few threads, never the shared pool's."""
     return await offload.run_in(offload.pool("recheck", RECHECK_THREADS), func, *args)
-
-
-_tasks: Table = Task.__table__  # type: ignore[attr-defined]
-_creds: Table = Credential.__table__  # type: ignore[attr-defined]
-# A claim's read: the task and its grant's latest credential, one Core statement built
-# once (no ORM entities, no identity map, the compiled form cached).
-_CLAIM_READ = (
-    core_select(
-        _tasks.c.tenant.label("task_tenant"),
-        _tasks.c.name.label("task_name"),
-        _tasks.c.workload,
-        _tasks.c.claim_generation,
-        _tasks.c.state.label("task_state"),
-        _creds.c.id,
-        _creds.c.tenant,
-        _creds.c.task_id,
-        _creds.c.issuer,
-        _creds.c.profile,
-        _creds.c.state,
-        _creds.c.claimed_at,
-        _creds.c.minted_at,
-        _creds.c.expires_at,
-        _creds.c.sealed_secret,
-        _creds.c.grant,
-    )
-    .select_from(
-        _tasks.outerjoin(
-            _creds,
-            and_(_creds.c.task_id == _tasks.c.id, _creds.c.grant == bindparam("grant")),
-        )
-    )
-    .where(_tasks.c.id == bindparam("task"))
-    .order_by(_creds.c.generation.desc())
-    .limit(1)
-)
 
 
 def _facts(row: Any) -> ledger.ClaimedCredential:
@@ -242,7 +205,22 @@ def _attempt_claim(
     session: Session, claimant: Claimant, task_name: str, grant: str
 ) -> tuple[int, dict[str, Any], str | None]:
     conn = session.connection()
-    row = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+    profiles = get_profiles()
+    row, taken = ledger.read_for_claim(
+        conn,
+        task_pk=claimant.task_pk,
+        grant=grant,
+        tenant=claimant.tenant,
+        task_name=task_name,
+        generation=claimant.generation,
+        subject=claimant.subject,
+        asks_again=[name for name, p in profiles.items() if p.claim == "jwt"],
+        actor=claimant.actor,
+        now=utcnow(),
+        detail=claimant.detail,
+    )
+    if taken:  # the usual claim: read and consumed in one statement, not yet committed
+        return _answer_claim(session, row)
     if row is None or row.task_tenant != claimant.tenant or row.task_name != task_name:
         return 403, {"error": "this claim token is not valid for this task"}, None
     if claimant.subject is not None and row.workload != claimant.subject:
@@ -262,7 +240,7 @@ def _attempt_claim(
         return 409, {"error": "not minted yet", "state": row.state}, row.id
     if row.state != CredState.active:
         return 410, {"error": f"credential is {row.state}", "state": row.state}, row.id
-    profile = get_profiles().get(row.profile)
+    profile = profiles.get(row.profile)
     if profile is not None and profile.claim == "jwt":
         if claimant.subject is None:
             return (
@@ -280,16 +258,6 @@ def _attempt_claim(
         conn = session.connection()
     if row.sealed_secret is None:
         return 410, {"error": "credential holds no secret", "state": row.state}, row.id
-    # Decrypt first, consume after, one transaction: a secret that cannot be
-    # decrypted is never destroyed (the claim answers 500 and can be tried again).
-    try:
-        secret = sealing.unseal(row.sealed_secret)
-    except ValueError:
-        log.error(
-            "claim: the sealed secret cannot be decrypted with the configured keys",
-            extra={"credential": row.id, "task": row.task_id, "profile": row.profile},
-        )
-        return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}, row.id
     if not ledger.take_secret(
         conn,
         credential_id=row.id,
@@ -300,12 +268,26 @@ def _attempt_claim(
     ):
         session.rollback()
         conn = session.connection()
-        again = conn.execute(_CLAIM_READ, {"task": claimant.task_pk, "grant": grant}).first()
+        again = conn.execute(
+            ledger.CLAIM_READ, {"p_task": claimant.task_pk, "p_grant": grant}
+        ).first()
         if again is not None and again.id == row.id and again.claimed_at is not None:
             return (*_second_claim(session, _facts(again), claimant), row.id)
         # Lost a race with a revoke (or the task's end): no interception.
         state = again.state if again is not None and again.id == row.id else row.state
         return 410, {"error": f"credential is {state}", "state": state}, row.id
+    return _answer_claim(session, row)
+
+
+def _answer_claim(session: Session, row: Any) -> tuple[int, dict[str, Any], str | None]:
+    """The secret just consumed (uncommitted) decrypted, then committed and answered.
+    One that cannot be decrypted is rolled back: never destroyed, the claim answers 500
+    and can be tried again."""
+    try:
+        secret = sealing.unseal(row.sealed_secret)
+    except ValueError:
+        session.rollback()
+        return _undecryptable(row)
     session.commit()
     observe.claimed(_facts(row))
     return (
@@ -319,6 +301,14 @@ def _attempt_claim(
         },
         row.id,
     )
+
+
+def _undecryptable(row: Any) -> tuple[int, dict[str, Any], str | None]:
+    log.error(
+        "claim: the sealed secret cannot be decrypted with the configured keys",
+        extra={"credential": row.id, "task": row.task_id, "profile": row.profile},
+    )
+    return 500, {"error": "the secret cannot be decrypted; it is kept, try again"}, row.id
 
 
 def _second_claim(
