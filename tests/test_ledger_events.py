@@ -555,3 +555,33 @@ def test_a_claim_reads_and_consumes_in_one_statement_on_postgresql() -> None:
 @pytest.mark.usefixtures("sqlite_ledger")
 def test_a_claim_on_sqlite() -> None:
     _claim(Driver(tenant="embedded"), postgres=False)
+
+
+def test_a_transaction_that_only_read_keeps_its_prepared_statements() -> None:
+    """psycopg forgets a connection's prepared statements on ROLLBACK: a transaction
+    that only read ends with COMMIT instead; one that wrote, or failed, rolls back."""
+    import sqlalchemy
+    from psycopg.pq import TransactionStatus
+
+    prepared = sqlalchemy.text("SELECT count(*) FROM pg_prepared_statements")
+    with get_engine().connect() as conn:
+        driver = conn.connection.driver_connection
+        for _ in range(8):  # psycopg prepares a statement on its 5th run
+            conn.execute(select(Task.id).where(Task.tenant == "nobody")).all()
+        kept = conn.execute(prepared).scalar_one()
+        assert kept >= 1
+        conn.rollback()
+        assert driver.info.transaction_status == TransactionStatus.IDLE
+        assert conn.execute(prepared).scalar_one() == kept
+        # A write is rolled back for real (the temporary table is gone).
+        conn.execute(sqlalchemy.text("CREATE TEMPORARY TABLE scratch (x int)"))
+        conn.rollback()
+        assert (
+            conn.execute(sqlalchemy.text("SELECT to_regclass('pg_temp.scratch')")).scalar() is None
+        )
+        conn.rollback()
+        # A transaction in error rolls back and the connection goes on.
+        with pytest.raises(sqlalchemy.exc.DataError):
+            conn.execute(sqlalchemy.text("SELECT 1 / 0"))
+        conn.rollback()
+        assert conn.execute(sqlalchemy.text("SELECT 2")).scalar() == 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends
+from psycopg.pq import TransactionStatus
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
@@ -40,6 +42,38 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def _keep_prepared_statements(engine: Engine) -> None:
+    """A transaction that only read ends with COMMIT, not ROLLBACK: psycopg forgets every
+    prepared statement of a connection on ROLLBACK (and sends DEALLOCATE ALL), so each
+    read-only request that closed its session (a list, the dashboard, a key lookup)
+    made the hot statements on that pooled connection be planned again. Without a
+    write, COMMIT ends the transaction exactly as ROLLBACK does. Anything but a plain
+    SELECT counts as a write, and a transaction in error always rolls back."""
+    dialect = engine.dialect
+    rollback, commit = dialect.do_rollback, dialect.do_commit
+    wrote: weakref.WeakSet[Any] = weakref.WeakSet()  # psycopg connections
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _note_write(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("SELECT"):
+            wrote.add(cursor.connection)
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver in wrote or driver.info.transaction_status != TransactionStatus.INTRANS:
+            wrote.discard(driver)
+            rollback(dbapi_connection)
+        else:
+            commit(dbapi_connection)
+
+    def do_commit(dbapi_connection: Any) -> None:
+        wrote.discard(dbapi_connection.driver_connection)
+        commit(dbapi_connection)
+
+    dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
 def get_engine(url: str | None = None) -> Engine:
     """The engine for this process; a forked child gets its own (pools don't survive fork)."""
     settings = get_settings()
@@ -63,6 +97,7 @@ def get_engine(url: str | None = None) -> Engine:
                     pool_timeout=settings.backend_timeout,
                     connect_args={"connect_timeout": int(settings.backend_timeout)},
                 )
+                _keep_prepared_statements(engine)
             _engines[key] = engine
         return engine
 
