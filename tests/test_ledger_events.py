@@ -431,6 +431,19 @@ def test_a_revoke_batch_on_sqlite() -> None:
     _revoke_batch(Driver(tenant="embedded"), None)
 
 
+def _activate_as_a(session: Any, cred_id: str, *, sealed: str, now: Any) -> bool:
+    """The activation by the delivery that took the lease with token "A"."""
+    return ledger.activate(
+        session,
+        cred_id,
+        token="A",
+        ref="the-ref",
+        sealed_secret=sealed,
+        expires_at=now + timedelta(minutes=1),
+        now=now,
+    )
+
+
 def test_a_delivery_that_waited_on_an_activation_does_not_mint_again() -> None:
     """Delivery B's statement waits on the lease of delivery A, which activates and
     releases it meanwhile: B must not take the lease of a credential now active (a
@@ -448,15 +461,7 @@ def test_a_delivery_that_waited_on_an_activation_does_not_mint_again() -> None:
     session_a = a.__enter__()
     try:
         # A activates: its row and its lease stay locked until it commits.
-        assert ledger.activate(
-            session_a,
-            cred_id,
-            token="A",
-            ref="the-ref",
-            sealed_secret="sealed",
-            expires_at=now + timedelta(minutes=1),
-            now=now,
-        )
+        assert _activate_as_a(session_a, cred_id, sealed="sealed", now=now)
 
         def delivery_b() -> None:
             with session_scope() as s:
@@ -488,15 +493,7 @@ def _claim(driver: Driver, *, postgres: bool) -> None:
     with session_scope() as s:
         assert ledger.begin_mint(s, cred_id, token="A", now=now)
     with session_scope() as s:
-        assert ledger.activate(
-            s,
-            cred_id,
-            token="A",
-            ref="the-ref",
-            sealed_secret="sealed-secret",
-            expires_at=now + timedelta(minutes=1),
-            now=now,
-        )
+        assert _activate_as_a(s, cred_id, sealed="sealed-secret", now=now)
     task, _, _ = _rows(name, driver.tenant)
     claim = {
         "task_pk": task.id,
