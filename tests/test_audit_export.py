@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +41,20 @@ def export_file() -> Path:
     return path
 
 
+@contextmanager
+def export_lock() -> Iterator[None]:
+    """The exporter's lock, as an exporter holds it; the scheduler's exporter (every 2 s)
+    may hold it just now, so wait that out (bounded) rather than go on without it."""
+    deadline = time.monotonic() + 30
+    while True:
+        with ledger_lock("audit-export") as got:
+            if got:
+                yield
+                return
+        assert time.monotonic() < deadline, "the exporter's lock was held for 30 s"
+        time.sleep(0.05)
+
+
 def add_entries(n: int, tag: str) -> list[str]:
     ids = []
     with session_scope() as s:
@@ -55,18 +71,20 @@ def file_lines() -> list[dict]:
 
 def assert_complete(ids: list[str]) -> None:
     """The file is one intact chain, each of `ids` in it exactly once, and every line
-    is the ledger's: same seq and hash as the entry's marker."""
-    with export_file().open("rb") as fh:
-        verdict = verify(fh)
+    is the ledger's: same seq and hash as the entry's marker (read under the exporter's
+    lock, so the scheduler's exporter does not add lines between the two reads)."""
+    with export_lock():
+        with export_file().open("rb") as fh:
+            verdict = verify(fh)
+        lines = file_lines()
+        with session_scope() as s:
+            rows = s.exec(select(AuditEntry).where(col(AuditEntry.id).in_(ids))).all()
+            head, head_hash = ledger.audit_export_head(s)
     assert verdict.ok, (verdict.bad_line, verdict.problem)
-    lines = file_lines()
     seen = [line["id"] for line in lines]
     assert len(seen) == len(set(seen)), "an entry was written twice"
     assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} entries missing"
     by_id = {line["id"]: line for line in lines}
-    with session_scope() as s:
-        rows = s.exec(select(AuditEntry).where(col(AuditEntry.id).in_(ids))).all()
-        head, head_hash = ledger.audit_export_head(s)
     for row in rows:
         assert (row.exported_seq, row.export_hash) == (by_id[row.id]["seq"], by_id[row.id]["hash"])
     assert (lines[-1]["seq"], lines[-1]["hash"]) == (head, head_hash)
@@ -166,13 +184,11 @@ def test_a_crash_between_write_and_mark_repeats_nothing(
         raise KeyboardInterrupt("died after the write")
 
     monkeypatch.setattr(audit_export.ledger, "mark_exported", crash)
-    with pytest.raises(KeyboardInterrupt), ledger_lock("audit-export") as got:
-        assert got
+    with pytest.raises(KeyboardInterrupt), export_lock():
         audit_export._export_locked(export_file())
     monkeypatch.undo()
     assert set(ids) <= {line["id"] for line in file_lines()}  # written, not marked
-    with ledger_lock("audit-export") as got:  # as an exporter mid-write would hold it
-        assert got
+    with export_lock():  # as an exporter mid-write would hold it
         with export_file().open("ab") as fh:  # and a half-written line after them
             fh.write(b'{"id":"half')
         # `audit status` only reads (no lock): it leaves a line being written alone.
@@ -215,7 +231,7 @@ def test_a_file_cut_short_is_refused_not_forked(tmp_path: Path) -> None:
         path.write_bytes(b"".join(original.splitlines(keepends=True)[:-2]))
         status = cli("audit", "status")
         assert status.returncode == 1 and "short of the ledger" in status.stderr
-        with pytest.raises(audit_export.ExportError), ledger_lock("audit-export"):
+        with pytest.raises(audit_export.ExportError), export_lock():
             audit_export._export_locked(path)
     finally:
         path.write_bytes(original)
@@ -224,8 +240,7 @@ def test_a_file_cut_short_is_refused_not_forked(tmp_path: Path) -> None:
 def test_retention_purges_only_exported_entries() -> None:
     old = utcnow() - timedelta(days=get_settings().retention_days + 1)
     tag = uuid.uuid4().hex
-    with ledger_lock("audit-export") as got:  # the scheduler's exporter waits meanwhile
-        assert got
+    with export_lock():  # the scheduler's exporter waits meanwhile
         with session_scope() as s:
             s.add(AuditEntry(at=old, actor="pytest", action="test", detail=f"{tag} exported"))
             s.add(AuditEntry(at=old, actor="pytest", action="test", detail=f"{tag} last"))
@@ -263,10 +278,10 @@ def test_a_scheduled_run_is_bounded_and_the_next_one_goes_on() -> None:
     """A backlog is worked off over several runs (each stops after the batch that passes
     its budget), with the chain intact; the CLI's run (no budget) writes everything."""
     export_now()  # start from a caught-up file
-    ids = add_entries(audit_export.BATCH * 2 + 7, "backlog")
-    # Holding the exporter's lock as export() would: the scheduler's exporter waits.
-    with ledger_lock("audit-export") as got:
-        assert got
+    # Holding the exporter's lock as export() would: the scheduler's exporter waits, and
+    # exports none of the backlog before this run does.
+    with export_lock():
+        ids = add_entries(audit_export.BATCH * 2 + 7, "backlog")
         first = audit_export._export_locked(export_file(), budget=0)
     assert first.written == audit_export.BATCH  # one whole batch, then the budget stops it
     rest = export_now()

@@ -276,11 +276,17 @@ def test_a_retried_start_is_a_duplicate_after_its_profile_was_retired(
 # --- long-polls ---------------------------------------------------------------------
 
 
+# A flood's claims wait this long. The bounds below are fractions of it: a waiter held
+# (almost) all of it, a refused claim and another tenant's event well under half; a
+# loaded 2-core machine answers the last of ~300 refusals within seconds, not at once.
+LONG_POLL = 10
+
+
 async def _flood_of_waiters(
     api: Api, keys: dict[str, str], tokens: list[tuple[str, str]], per_task: list[int]
 ) -> tuple[list[tuple[int, int, float]], list[float]]:
     """Claims with ?wait= (task index, status, seconds); meanwhile another tenant's events."""
-    wait = 6
+    wait = LONG_POLL
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=api.url, limits=limits, timeout=30) as client:
 
@@ -325,14 +331,14 @@ def test_long_polls_are_capped_and_do_not_starve_other_tenants(
         tokens.append((name, answer.json()["claim_token"]))
     claims, other = asyncio.run(_flood_of_waiters(api, keys, tokens, per_task))
     assert len(claims) > MAX_WAITERS and all(status == 409 for _, status, _ in claims)
-    waited = [c for c in claims if c[2] >= 5]
-    refused_at_once = [c for c in claims if c[2] < 3]
+    waited = [c for c in claims if c[2] >= LONG_POLL - 1]
+    refused_at_once = [c for c in claims if c[2] < LONG_POLL / 2]
     assert len(waited) + len(refused_at_once) == len(claims)
     assert len(waited) <= MAX_WAITERS
     assert len(refused_at_once) >= len(claims) - MAX_WAITERS
     assert sum(1 for i, _, _ in waited if i == 0) <= MAX_WAITERS_PER_TOKEN
     # Another tenant's events are answered promptly while hundreds of claims wait.
-    assert max(other) < 2.0, other
+    assert max(other) < LONG_POLL / 2, other
     for name, _ in tokens:
         post_event(api, keys["emitter"], event("cancelled", name))
     no_server_errors(api)

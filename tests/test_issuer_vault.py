@@ -224,18 +224,20 @@ def _own_accessor(gateway: VaultGateway) -> str:
 
 
 def test_own_token_renewed_past_half_ttl(approle: Callable[..., Settings]) -> None:
-    settings = approle("renewable", token_ttl="2s", token_max_ttl="60s")
+    # A TTL of 6 s and steps of 3.5 s: past half the TTL, with 2.5 s to spare before it
+    # runs out (a loaded machine's stall must not expire it between sleep and renewal).
+    settings = approle("renewable", token_ttl="6s", token_max_ttl="60s")
     gateway = get_gateway(settings)
     gateway.ensure_token()
     first = _own_accessor(gateway)
 
-    time.sleep(1.2)
+    time.sleep(3.5)
     renew_own_token(settings)
 
     data = gateway.client.auth.token.lookup_self()["data"]
     assert data["accessor"] == first  # renewed, not replaced
-    assert data["ttl"] >= 1
-    time.sleep(1.2)  # past the first TTL: the token lives on only if renewed
+    assert data["ttl"] >= 3
+    time.sleep(3.5)  # past the first TTL: the token lives on only if renewed
     renew_own_token(settings)
     assert _own_accessor(gateway) == first
 

@@ -312,15 +312,23 @@ def test_forward_mode_through_the_environment_only(stack: dict[str, Any]) -> Non
     # The task's CA: name-constrained to the two upstreams, no longer than the task can
     # live, its key destroyed with the task's end.
     task = task_row(name)
+
+    def proxy_audit_with_the_refusal() -> list[tuple[str, str | None]] | None:
+        """The proxy's entries once the refusal's is there: it is written after the 403
+        is sent (off the request's path)."""
+        with session_scope() as session:
+            audited = session.exec(
+                select(AuditEntry.action, AuditEntry.reason).where(
+                    AuditEntry.task_id == task.id, AuditEntry.actor == "proxy"
+                )
+            ).all()
+        return list(audited) if ("proxy_refused", "not_active") in audited else None
+
+    audited = wait_until(proxy_audit_with_the_refusal, timeout=10)
     with session_scope() as session:
         row = session.get(TaskCA, task.id)
         assert row is not None
         cert_pem, sealed = row.cert_pem, row.sealed_key
-        audited = session.exec(
-            select(AuditEntry.action, AuditEntry.reason).where(
-                AuditEntry.task_id == task.id, AuditEntry.actor == "proxy"
-            )
-        ).all()
     assert sealed is None
     # Each forwarded request, inside the tunnel or not, each echo, each refusal (the
     # probe after the end among them; it may have been forwarded while the end was news).
