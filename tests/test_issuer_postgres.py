@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -26,6 +27,7 @@ from app.core.settings import Settings
 from app.issuers.base import MintRequest, PermanentIssuerError, TemporaryIssuerError
 from app.issuers.postgres import PostgresIssuer, credential_dsn, scram_sha256_verifier
 from app.profiles import PostgresProfile
+from tests.support.procs import wait_until
 
 # The run's services (OpenBao, the ledger, the data database), started once per session.
 pytestmark = pytest.mark.usefixtures("services")
@@ -577,3 +579,35 @@ def test_a_pool_timeout_role_by_role_fails_the_rest_at_once(issuer: PostgresIssu
     assert all(isinstance(e, TemporaryIssuerError) for e in failed.values())
     assert issuer.revoke_many(refs) == {}  # reachable again: they go
     assert not any(issuer.exists(ref) for ref in refs)
+
+
+def test_a_connection_lost_after_the_drop_leaves_no_session(issuer: PostgresIssuer) -> None:
+    """The DROP commits, then the connection is lost before the sessions are ended: the
+    retry finds no role, so nothing is left for it to end. The sessions were ended in
+    the DROP's own query already."""
+    minted = issuer.mint(request(issuer))
+    session = login(minted.secret["dsn"])
+    pid = session.info.backend_pid
+    real_end = issuer._end_sessions
+
+    def lost(*_: Any, **__: Any) -> None:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    issuer._end_sessions = lost  # type: ignore[method-assign]
+    try:
+        # The batch fails after its DROP; role by role, the role is gone already.
+        assert issuer.revoke_many([minted.ref]) == {}
+    finally:
+        issuer._end_sessions = real_end  # type: ignore[method-assign]
+    assert not issuer.exists(minted.ref)
+    with admin() as conn:
+        wait_until(
+            lambda: (
+                conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+                is None
+            ),
+            timeout=5,
+        )
+    with pytest.raises(psycopg.OperationalError):
+        session.execute("SELECT x FROM granted")
+    session.close()

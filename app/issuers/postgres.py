@@ -368,21 +368,31 @@ class PostgresIssuer(Issuer):
         return sql.SQL("; ").join([create, member, note])
 
     def _drop_many(self, names: list[str]) -> None:
-        """DROP, end what sessions remain, verify: two round trips for the common case.
+        """End the sessions, DROP, end what sessions remain, verify: two round trips for
+        the common case.
 
-        The oids are read in the DROP's own transaction (one simple query), so the
-        sessions of a role are still found once it is gone. Once the DROP commits no
-        new login is possible; a session that logged in before is ended by oid here.
-        A role that owns an object makes the DROP fail (and roll back): the caller
-        then takes the long way (_drop)."""
+        The oids are read, the roles' sessions ended and the roles dropped in one simple
+        query (one transaction), so the sessions of a role are still found by oid once
+        it is gone. Ending them before the DROP too means that a connection lost just
+        after the DROP commits (the retry finds no role, so nothing to end) leaves at
+        most a session that logged in within that query. Once the DROP commits no new
+        login is possible; a session that logged in before is ended by oid here. A role
+        that owns an object makes the DROP fail (and roll back): the caller then takes
+        the long way (_drop), its sessions already ended."""
         idents = sql.SQL(", ").join(sql.Identifier(n) for n in names)
         listed = sql.SQL(", ").join(sql.Literal(n) for n in names)
         deadline = time.monotonic() + self._timeout
         with self._connection() as conn:
             cur = conn.execute(
                 sql.SQL(
-                    "SELECT oid FROM pg_roles WHERE rolname IN ({}); DROP ROLE IF EXISTS {}"
-                ).format(listed, idents)
+                    "SELECT oid FROM pg_roles WHERE rolname IN ({listed}); "
+                    # MATERIALIZED: see _end_sessions.
+                    "WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_get_activity(NULL) "
+                    "WHERE usesysid IN (SELECT oid FROM pg_roles WHERE rolname IN ({listed})) "
+                    "AND pid <> pg_backend_pid()) "
+                    "SELECT count(pg_terminate_backend(pid)) FROM mine; "
+                    "DROP ROLE IF EXISTS {idents}"
+                ).format(listed=listed, idents=idents)
             )
             oids = [Oid(row[0]) for row in cur.fetchall()]
             if not oids:
