@@ -39,6 +39,9 @@ def api_url(worker: Path) -> Iterator[str]:
         yield url
 
 
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
 @pytest.fixture(scope="module")
 def client_python() -> Path:
     """A virtualenv with leasehold-client installed from sdk/ (and psycopg, for the
@@ -49,7 +52,18 @@ def client_python() -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(sdk), "psycopg[binary]"],
+        # The versions the rest of the suite runs with (CI's constraints), not the latest.
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(CONSTRAINTS),
+            str(sdk),
+            "psycopg[binary]",
+        ],
         check=True,
         timeout=300,
         capture_output=True,
