@@ -49,26 +49,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def floor(db: str, n: int) -> tuple[float, str]:
-    """Direct role create+drop, two at a time over two pooled connections."""
-    from scramp import ScramMechanism
+    """Direct role create+drop, two at a time over two pooled connections: the role as
+    Leasehold's mint makes it (its SCRAM verifier, the same iteration count)."""
+    from app.issuers.postgres import scram_sha256_verifier
 
     group = f"lh_bench_floor_{secrets.token_hex(3)}"
     sql(db, f'CREATE ROLE "{group}" NOLOGIN')
-    mech = ScramMechanism("SCRAM-SHA-256")
     until = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
 
     def run(count: int) -> None:
         with psycopg.connect(f"{PG}/{db}", autocommit=True) as c:
             for _ in range(count):
                 role = f"lh_bench_{uuid.uuid4().hex[:16]}"
-                salt, stored, server, it = mech.make_auth_info(secrets.token_urlsafe(24))
-                import base64
-
-                b = base64.b64encode
-                verifier = (
-                    f"SCRAM-SHA-256${it}:{b(salt).decode()}${b(stored).decode()}:"
-                    f"{b(server).decode()}"
-                )
+                verifier = scram_sha256_verifier(secrets.token_urlsafe(32))
                 c.execute(
                     f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{verifier}' "  # type: ignore[arg-type]
                     f"VALID UNTIL '{until}' IN ROLE \"{group}\""
