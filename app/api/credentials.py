@@ -194,9 +194,10 @@ def _try_claim(
     """One attempt: (status, body, credential id). 409 means 'not yet'."""
     with Session(get_engine(), expire_on_commit=False) as session:
         outcome = _attempt_claim(session, claimant, task_name, grant)
-        # A read-only attempt (409, 403, ...) ends with COMMIT too: the ROLLBACK a
-        # closed session sends makes psycopg drop all the connection's prepared
-        # statements, so every statement would be planned again.
+        # Ends with COMMIT also when it answered without consuming: every write in
+        # _attempt_claim is committed or rolled back where it happens, but the claim's
+        # statement (a WITH that may write) leaves app/core/db.py's rule unable to
+        # tell, and a ROLLBACK makes psycopg drop the connection's prepared statements.
         session.commit()
         return outcome
 
