@@ -2352,10 +2352,10 @@ def take_secret(
     now: datetime,
     detail: str | None = None,
 ) -> bool:
-    """Consume the sealed secret the caller read (and has already decrypted), with its
-    `claimed` audit entry; False when the row moved on meanwhile (another claim, a
-    revoke). The caller commits only after this, so a secret it could not decrypt is
-    never consumed."""
+    """Consume the sealed secret the caller read, with its `claimed` audit entry; False
+    when the row moved on meanwhile (another claim, a revoke). The caller decrypts the
+    secret next and commits only if it could, rolling back otherwise: a secret that
+    cannot be decrypted is never destroyed."""
     params = {
         "cred": credential_id,
         "sealed": sealed_secret,

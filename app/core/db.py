@@ -47,15 +47,17 @@ def _keep_prepared_statements(engine: Engine) -> None:
     prepared statement of a connection on ROLLBACK (and sends DEALLOCATE ALL), so each
     read-only request that closed its session (a list, the dashboard, a key lookup)
     made the hot statements on that pooled connection be planned again. Without a
-    write, COMMIT ends the transaction exactly as ROLLBACK does. Anything but a plain
-    SELECT counts as a write, and a transaction in error always rolls back."""
+    write, COMMIT ends the transaction exactly as ROLLBACK does. Anything but a single
+    plain SELECT counts as a write (so do several statements in one text), and a
+    transaction in error always rolls back. No SELECT here calls a function that
+    writes (pg_notify, set_config, ...): one that did would need a ROLLBACK kept."""
     dialect = engine.dialect
     rollback, commit = dialect.do_rollback, dialect.do_commit
     wrote: weakref.WeakSet[Any] = weakref.WeakSet()  # psycopg connections
 
     @event.listens_for(engine, "before_cursor_execute")
     def _note_write(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if not statement.startswith("SELECT"):
+        if not statement.startswith("SELECT") or ";" in statement:
             wrote.add(cursor.connection)
 
     def do_rollback(dbapi_connection: Any) -> None:
@@ -67,8 +69,8 @@ def _keep_prepared_statements(engine: Engine) -> None:
             commit(dbapi_connection)
 
     def do_commit(dbapi_connection: Any) -> None:
+        commit(dbapi_connection)  # first: a COMMIT that failed leaves the mark
         wrote.discard(dbapi_connection.driver_connection)
-        commit(dbapi_connection)
 
     dialect.do_rollback = do_rollback  # type: ignore[method-assign]
     dialect.do_commit = do_commit  # type: ignore[method-assign]
@@ -97,7 +99,8 @@ def get_engine(url: str | None = None) -> Engine:
                     pool_timeout=settings.backend_timeout,
                     connect_args={"connect_timeout": int(settings.backend_timeout)},
                 )
-                _keep_prepared_statements(engine)
+                if engine.dialect.driver == "psycopg":
+                    _keep_prepared_statements(engine)
             _engines[key] = engine
         return engine
 
