@@ -10,6 +10,22 @@ import sys
 
 from tests.support.world import ROOT
 
+NUMBER = r"[0-9]+(\.[0-9]+)?"
+
+
+def bench(*args: str, timeout: float) -> str:
+    """A benchmark run to its end; its standard output."""
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def assert_printed(stdout: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        assert re.search(pattern, stdout), f"{pattern!r} not in:\n{stdout}"
+
 
 def test_proxy_bench_completes_and_prints_each_figure() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASEHOLD_")}
@@ -54,65 +70,55 @@ def test_proxy_bench_completes_and_prints_each_figure() -> None:
 
 
 def test_lifecycle_bench_prints_every_figure() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/lifecycle_bench.py",
-            *("--tasks", "4", "--clients", "2", "--steady", "2", "--burst", "3"),
-            *("--floor", "4", "--openbao", "4", "--soak", "4"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    stdout = bench(
+        "bench/lifecycle_bench.py",
+        *("--tasks", "4", "--clients", "2", "--steady", "2", "--burst", "3"),
+        *("--floor", "4", "--openbao", "4", "--soak", "4"),
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    number = r"[0-9]+(\.[0-9]+)?"
-    for pattern in (
-        rf"floor: .* {number} /s",
-        rf"openbao: .* {number} /s",
-        rf"end to end: 4 lifecycles .* {number} /s",
-        rf"ratio: leasehold/direct {number}, leasehold/openbao {number}",
-        rf"per lifecycle: API CPU {number} ms, worker CPU {number} ms, "
-        rf"statements {number}, commits {number}",
-        *(
-            rf"{stage}: p50 {number} ms, p99 {number} ms"
-            for stage in ("event->minted", "minted->claimed", "end->revoked")
-        ),
-        rf"time to revoke at 20 ends/s .* p50 {number} ms, p99 {number} ms",
-        rf"time to revoke in a burst of 3 ends: p50 {number} ms, p99 {number} ms",
-        rf"memory over a soak of 4 lifecycles .* API {number} -> {number} MiB .* "
-        rf"worker .* {number} -> {number} MiB",
-        rf"this benchmark's clients {number} ms",
-    ):
-        assert re.search(pattern, out.stdout), f"{pattern!r} not in:\n{out.stdout}"
+    number = NUMBER
+    assert_printed(
+        stdout,
+        [
+            rf"floor: .* {number} /s",
+            rf"openbao: .* {number} /s",
+            rf"end to end: 4 lifecycles .* {number} /s",
+            rf"ratio: leasehold/direct {number}, leasehold/openbao {number}",
+            rf"per lifecycle: API CPU {number} ms, worker CPU {number} ms, "
+            rf"statements {number}, commits {number}",
+            *(
+                rf"{stage}: p50 {number} ms, p99 {number} ms"
+                for stage in ("event->minted", "minted->claimed", "end->revoked")
+            ),
+            rf"time to revoke at 20 ends/s .* p50 {number} ms, p99 {number} ms",
+            rf"time to revoke in a burst of 3 ends: p50 {number} ms, p99 {number} ms",
+            rf"memory over a soak of 4 lifecycles .* API {number} -> {number} MiB .* "
+            rf"worker .* {number} -> {number} MiB",
+            rf"this benchmark's clients {number} ms",
+        ],
+    )
     # The machine's CPU per cycle, for each of the three jobs (floor, OpenBao, lifecycle).
     machine = (
         rf"machine CPU {number} ms per cycle, {number} % of [0-9]+ cores busy "
         rf"\(PostgreSQL {number} ms, Redis {number} ms\)"
     )
-    assert len(re.findall(machine, out.stdout)) == 3, out.stdout
+    assert len(re.findall(machine, stdout)) == 3, stdout
     # Statements were counted on the driver: a lifecycle cannot take none.
-    statements = re.search(rf"statements ({number})", out.stdout)
+    statements = re.search(rf"statements ({number})", stdout)
     assert statements is not None and float(statements.group(1)) > 0
 
 
 def test_stack_floor_prints_each_figure() -> None:
-    out = subprocess.run(
-        [sys.executable, "bench/stack_floor.py", "--requests", "20", "--messages", "20"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    stdout = bench("bench/stack_floor.py", "--requests", "20", "--messages", "20", timeout=180)
+    number = NUMBER
+    assert_printed(
+        stdout,
+        [
+            rf"http: .* server {number} ms, client \(httpx\) {number} ms CPU",
+            rf"celery: .* publish {number} ms, worker {number} ms CPU",
+            rf"three requests and two messages: {number} ms of CPU .* at most {number} such",
+        ],
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    number = r"[0-9]+(\.[0-9]+)?"
-    for pattern in (
-        rf"http: .* server {number} ms, client \(httpx\) {number} ms CPU",
-        rf"celery: .* publish {number} ms, worker {number} ms CPU",
-        rf"three requests and two messages: {number} ms of CPU .* at most {number} such",
-    ):
-        assert re.search(pattern, out.stdout), f"{pattern!r} not in:\n{out.stdout}"
     # The worker did the work: a message cannot have cost it nothing.
-    worker = re.search(rf"worker ({number}) ms CPU", out.stdout)
+    worker = re.search(rf"worker ({number}) ms CPU", stdout)
     assert worker is not None and float(worker.group(1)) > 0
