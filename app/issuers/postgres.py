@@ -390,13 +390,17 @@ class PostgresIssuer(Issuer):
             cur = conn.execute(
                 sql.SQL(
                     "SELECT oid FROM pg_roles WHERE rolname IN ({listed}); "
-                    # MATERIALIZED: see _end_sessions.
-                    "WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_get_activity(NULL) "
-                    "WHERE usesysid IN (SELECT oid FROM pg_roles WHERE rolname IN ({listed})) "
-                    "AND pid <> pg_backend_pid()) "
-                    "SELECT count(pg_terminate_backend(pid)) FROM mine; "
+                    "{mine} SELECT count(pg_terminate_backend(pid)) FROM mine; "
                     "DROP ROLE IF EXISTS {idents}"
-                ).format(listed=listed, idents=idents)
+                ).format(
+                    listed=listed,
+                    mine=_sessions_of(
+                        sql.SQL("IN (SELECT oid FROM pg_roles WHERE rolname IN ({}))").format(
+                            listed
+                        )
+                    ),
+                    idents=idents,
+                )
             )
             oids = [Oid(row[0]) for row in cur.fetchall()]
             if not oids:
@@ -437,22 +441,12 @@ class PostgresIssuer(Issuer):
     ) -> None:
         """Terminate the roles' backends and wait until they are gone; with `gone`,
         verify in the same round trip that none of those roles exists any more."""
-        # MATERIALIZED fences the filter: the planner may otherwise evaluate
-        # pg_terminate_backend() before `usesysid = ...` and end every session.
         # No server-side wait (pg_terminate_backend(pid, ms) polls every 100 ms):
         # signal, then look again soon; a signalled backend exits in about 1 ms.
-        # pg_stat_get_activity() is what the pg_stat_activity view reads (the same
-        # rows, the same visibility) without the view's joins, which took more to plan
-        # than to run: a DROP makes psycopg forget its prepared statements, so this
-        # query is planned on every revoke.
-        query = """
-            WITH mine AS MATERIALIZED (
-                SELECT pid FROM pg_stat_get_activity(NULL)
-                WHERE usesysid = ANY(%s) AND pid <> pg_backend_pid()
-            )
-            SELECT (SELECT count(pg_terminate_backend(pid)) FROM mine),
-                   (SELECT min(rolname) FROM pg_roles WHERE rolname = ANY(%s))
-        """
+        query = sql.SQL(
+            "{mine} SELECT (SELECT count(pg_terminate_backend(pid)) FROM mine), "
+            "(SELECT min(rolname) FROM pg_roles WHERE rolname = ANY(%s))"
+        ).format(mine=_sessions_of(sql.SQL("= ANY(%s)")))
         pause = 0.002
         while True:
             row = conn.execute(query, (oids, gone or [])).fetchone()
@@ -528,6 +522,19 @@ def _describe(exc: BaseException) -> str:
     text = exc.diag.message_primary or (str(exc).splitlines() or [""])[0]
     text = text or type(exc).__name__
     return f"[{exc.sqlstate}] {text}" if exc.sqlstate else text
+
+
+def _sessions_of(roles: sql.Composable) -> sql.Composed:
+    """`WITH mine AS (...)`: the backends whose role's oid is `usesysid <roles>`, this
+    one excepted. MATERIALIZED fences the filter: the planner may otherwise evaluate
+    pg_terminate_backend() before it and end every session. pg_stat_get_activity()
+    is what the pg_stat_activity view reads (the same rows, the same visibility)
+    without the view's joins, which took more to plan than to run (a DROP makes
+    psycopg forget its prepared statements, so this is planned on every revoke)."""
+    return sql.SQL(
+        "WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_get_activity(NULL) "
+        "WHERE usesysid {} AND pid <> pg_backend_pid())"
+    ).format(roles)
 
 
 def _all_failed(names: list[str], exc: IssuerError) -> dict[str, IssuerError]:
